@@ -1,0 +1,159 @@
+"""From the data config to input streams: source(s) -> cache -> derived tasks -> train/val/test."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..config import Config, DeriveConfig
+from ..errors import ConfigError, DataError
+from ..tasks import MISSING, Task
+from .arrays import ImageSet
+from .cache import default_cache_root, load_source
+from .sources import SOURCES, SourceData
+
+
+@dataclasses.dataclass
+class Stream:
+    """One input stream: images feeding a group of tasks (one stream unless multi-input)."""
+
+    name: str
+    tasks: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    flip: bool  # horizontal flips keep every task's label valid
+
+
+@dataclasses.dataclass
+class DataBundle:
+    tasks: list[Task]
+    streams: list[Stream]
+    mean: list[float]
+    std: list[float]
+    skipped: list[str]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.streams[0].train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def multi_input(self) -> bool:
+        return len(self.streams) > 1
+
+    def task(self, name: str) -> Task:
+        return next(t for t in self.tasks if t.name == name)
+
+
+def _derive(data: SourceData, name: str, spec: DeriveConfig) -> None:
+    src = next((t for t in data.tasks if t.name == spec.source), None)
+    if src is None:
+        raise ConfigError(f"data.derive.{name}.source: no task {spec.source!r} "
+                          f"(tasks: {[t.name for t in data.tasks]})")
+    mapping = np.full(src.num_classes + 1, MISSING, np.int64)  # last slot maps MISSING -> MISSING
+    for gi, (group, members) in enumerate(spec.groups.items()):
+        for m in members:
+            if m not in src.classes:
+                raise ConfigError(f"data.derive.{name}.groups.{group}: {m!r} is not a class of "
+                                  f"{spec.source!r} (classes: {src.classes})")
+            mapping[src.classes.index(m)] = gi
+    data.tasks.append(Task(name, list(spec.groups), flip_ok=spec.flip_ok and src.flip_ok))
+    for split in (data.train, data.val, data.test):
+        if split is not None:
+            split.labels[name] = mapping[split.labels[spec.source]]
+
+
+def _split_val(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction: expected a value in (0, 1), got {fraction}")
+    perm = np.random.default_rng(seed).permutation(len(train))
+    n_val = max(1, int(round(len(train) * fraction)))
+    if n_val >= len(train):
+        raise DataError(f"training set has {len(train)} image(s): too few to carve a validation split")
+    return train.subset(np.sort(perm[n_val:])), train.subset(np.sort(perm[:n_val]))
+
+
+def _limit(s: ImageSet, n: Optional[int], seed: int) -> ImageSet:
+    if n is None or n >= len(s):
+        return s
+    return s.subset(np.sort(np.random.default_rng(seed).permutation(len(s))[:n]))
+
+
+def _load(spec: dict[str, Any], where: str, cfg: Config) -> SourceData:
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{where}.name: required key is missing; valid sources: {', '.join(SOURCES.names())}")
+    params = SOURCES.parse_params(name, spec, where)
+    source = SOURCES.build(name, params, image_size=cfg.data.image_size)
+    root = None
+    if cfg.data.cache:
+        root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_root()
+    return load_source(name, source, cfg.data.image_size, cfg.data.channels, root)
+
+
+def build_data(cfg: Config) -> DataBundle:
+    """Build every stream named by the config, apply task overrides, and carve validation splits."""
+    d = cfg.data
+    specs = {"main": ("data.source", d.source)} if not d.sources else {
+        k: (f"data.sources.{k}", v) for k, v in d.sources.items()}
+    tasks: list[Task] = []
+    streams: list[Stream] = []
+    skipped: list[str] = []
+    for stream_name, (where, spec) in specs.items():
+        data = _load(spec, where, cfg)
+        for name, dspec in d.derive.items():
+            if dspec.source in [t.name for t in data.tasks]:
+                _derive(data, name, dspec)
+        names = [t.name for t in data.tasks]
+        clash = sorted(set(names) & {t.name for t in tasks})
+        if clash:
+            raise ConfigError(f"{where}: task name(s) {clash} already come from another source")
+        for t in data.tasks:
+            o = cfg.tasks.get(t.name)
+            if o is not None:
+                t.label_smoothing, t.weight = o.label_smoothing, o.weight
+            t.group = stream_name
+        active = [t for t in data.tasks if cfg.tasks.get(t.name) is None or cfg.tasks[t.name].enabled]
+        if not active:
+            continue
+        train, val = (data.train, data.val) if data.val is not None else _split_val(
+            data.train, d.val_fraction, cfg.seed)
+        train, test = _limit(train, d.limit_train, cfg.seed), _limit(data.test, d.limit_test, cfg.seed)
+        keep = [t.name for t in active]
+        sets = {}
+        for split, s in (("train", train), ("validation", val), ("test", test)):
+            if len(s) == 0:
+                raise DataError(f"{where}: the {split} split is empty")
+            sets[split] = ImageSet(s.images, {k: s.labels[k] for k in keep})
+        streams.append(Stream(stream_name, keep, sets["train"], sets["validation"], sets["test"],
+                              flip=all(t.flip_ok for t in active)))
+        tasks.extend(active)
+        skipped.extend(data.skipped)
+    known = {t.name for t in tasks} | {n for n, o in cfg.tasks.items() if not o.enabled}
+    unknown = sorted(set(cfg.tasks) - known - set(d.derive))
+    if unknown:
+        raise ConfigError(f"tasks: unknown task(s) {unknown}; the data provides {sorted(known)}")
+    if not tasks:
+        raise ConfigError("tasks: every task is disabled; enable at least one")
+    shapes = {s.name: tuple(s.train.images.shape[1:]) for s in streams}
+    if len(set(shapes.values())) > 1:
+        raise ConfigError(f"multi-input sources have different image shapes {shapes}; "
+                          "set data.image_size and data.channels to adapt them to one spec")
+    mean, std = _channel_stats([s.train for s in streams])
+    return DataBundle(tasks, streams, mean, std, skipped)
+
+
+def _channel_stats(sets: list[ImageSet], max_images: int = 5000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (0..1 scale) from up to `max_images` training images of each stream."""
+    total, sq, count = 0.0, 0.0, 0
+    for s in sets:
+        for start in range(0, min(len(s), max_images), 1000):
+            x = np.asarray(s.images[start:min(start + 1000, max_images)], np.float64) / 255
+            x = x.reshape(-1, x.shape[-1])
+            total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,85 @@
+"""Decoded-image cache: a source is decoded (and resized) once into memory-mappable .npy files.
+
+The key hashes the source's parameters, its input files' sizes and mtimes, and the image spec, so a
+changed file or option builds a new entry. Entries are written to a temp folder and renamed, so a
+killed build never leaves a half-written cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..tasks import Task
+from .arrays import ImageSet, adapt_images
+from .sources import Source, SourceData
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("MTLVISION_CACHE", Path.home() / ".cache" / "mtlvision"))
+
+
+def cache_key(name: str, source: Source, image_size: Optional[int], channels: Optional[int]) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "name": name, "source": source.fingerprint(),
+                       "size": image_size, "channels": channels}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _adapt(data: SourceData, image_size: Optional[int], channels: Optional[int]) -> SourceData:
+    for split in SPLITS:
+        s = getattr(data, split)
+        if s is not None:
+            setattr(data, split, ImageSet(adapt_images(s.images, image_size, channels), s.labels))
+    return data
+
+
+def _write(entry: Path, data: SourceData) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        for split in SPLITS:
+            s = getattr(data, split)
+            if s is not None:
+                np.save(tmp / f"{split}_images.npy", s.images)
+                np.savez(tmp / f"{split}_labels.npz", **s.labels)
+        meta = {"tasks": [t.to_dict() for t in data.tasks], "skipped": data.skipped,
+                "splits": [s for s in SPLITS if getattr(data, s) is not None]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read(entry: Path) -> SourceData:
+    meta = json.loads((entry / "meta.json").read_text())
+    sets = {}
+    for split in meta["splits"]:
+        with np.load(entry / f"{split}_labels.npz") as z:
+            labels = {k: z[k] for k in z.files}
+        sets[split] = ImageSet(np.load(entry / f"{split}_images.npy", mmap_mode="r"), labels)
+    return SourceData([Task.from_dict(t) for t in meta["tasks"]], sets["train"], sets["test"],
+                      sets.get("val"), meta["skipped"])
+
+
+def load_source(name: str, source: Source, image_size: Optional[int], channels: Optional[int],
+                cache_root: Optional[Path]) -> SourceData:
+    """Load a source through the cache (built on first use); `cache_root=None` disables caching."""
+    if cache_root is None or not source.cacheable:
+        return _adapt(source.load(), image_size, channels)
+    entry = Path(cache_root) / f"{name}-{cache_key(name, source, image_size, channels)}"
+    if not (entry / "meta.json").is_file():
+        _write(entry, _adapt(source.load(), image_size, channels))
+    return _read(entry)

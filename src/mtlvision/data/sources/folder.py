@@ -1,0 +1,178 @@
+"""`imagefolder` (class per folder, plain or in tar.gz) and `csv` (image folder + label columns)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import tarfile
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ...errors import DataError
+from ...tasks import MISSING, Task
+from ..arrays import ImageSet
+from ..decode import decode_all
+from . import SOURCES, Source, SourceData, existing_path
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+@dataclasses.dataclass
+class FolderParams:
+    path: str  # holds train/ and test/ folders, or train.tar.gz and test.tar.gz
+    train: str = "train"
+    test: str = "test"
+    task: str = "class"
+    flip_ok: bool = True
+    channels: int = 3
+    skip_corrupt: bool = False
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTS
+
+
+def _list_split(root: Path, split: str) -> list[tuple[str, str, object]]:
+    """(class, display name, reader) for every image of a split, from a folder or a tar.gz."""
+    folder, tar = root / split, next((root / f"{split}{e}" for e in (".tar.gz", ".tgz", ".tar")
+                                      if (root / f"{split}{e}").is_file()), None)
+    if folder.is_dir():
+        files = sorted(p for p in folder.glob("*/*") if p.is_file() and _is_image(p.name))
+        return [(p.parent.name, str(p), p.read_bytes) for p in files]
+    if tar is not None:
+        out = []
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                parts = Path(m.name).parts
+                if m.isfile() and _is_image(m.name) and len(parts) >= 2:
+                    data = tf.extractfile(m).read()
+                    out.append((parts[-2], f"{tar}:{m.name}", (lambda d=data: d)))
+        return sorted(out, key=lambda t: t[1])
+    raise DataError(f"{root}: no {split}/ folder and no {split}.tar.gz")
+
+
+@SOURCES.register("imagefolder", params=FolderParams)
+class ImageFolderSource(Source):
+    """ImageFolder layout (ImageNet-style): root/{train,test}/<class>/<image>, or those as tar.gz."""
+
+    def inputs(self) -> list[Path]:
+        return [existing_path(self.params.path, "data.source.path")]
+
+    def load(self) -> SourceData:
+        p = self.params
+        root = existing_path(p.path, "data.source.path")
+        listings = {s: _list_split(root, getattr(p, s)) for s in ("train", "test")}
+        classes = {s: sorted({c for c, _, _ in items}) for s, items in listings.items()}
+        for s, items in listings.items():
+            if not items:
+                raise DataError(f"{root}: split {getattr(p, s)!r} has no images")
+        if classes["train"] != classes["test"]:
+            only_tr = sorted(set(classes["train"]) - set(classes["test"]))
+            only_te = sorted(set(classes["test"]) - set(classes["train"]))
+            raise DataError(f"{root}: class folders differ between train and test "
+                            f"(only in train: {only_tr}; only in test: {only_te})")
+        names = classes["train"]
+        index = {c: i for i, c in enumerate(names)}
+        skipped: list[str] = []
+        sets = {}
+        for s, items in listings.items():
+            imgs, kept = decode_all([(n, r) for _, n, r in items], self.image_size, p.channels,
+                                    p.skip_corrupt, skipped)
+            labels = np.array([index[items[i][0]] for i in kept], np.int64)
+            sets[s] = ImageSet(imgs, {p.task: labels})
+        return SourceData([Task(p.task, names, flip_ok=p.flip_ok)], sets["train"], sets["test"],
+                          skipped=skipped)
+
+
+@dataclasses.dataclass
+class CsvTask:
+    column: Optional[str] = None  # default: the task's name
+    classes: Optional[list[str]] = None  # default: sorted distinct values of the column
+    flip_ok: bool = True
+
+
+@dataclasses.dataclass
+class CsvParams:
+    images: str  # folder the image paths are relative to
+    csv: str  # training rows (or all rows, with split_column)
+    tasks: Union[dict[str, CsvTask], list[str]]
+    test_csv: Optional[str] = None
+    split_column: Optional[str] = None  # values "train" / "test" when test_csv is not given
+    image_column: str = "image"
+    channels: int = 3
+    skip_corrupt: bool = False
+
+
+def _read_rows(path: Path, image_column: str, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in [image_column, *needed] if c not in header]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
+        return [(i + 2, row) for i, row in enumerate(reader)]  # line numbers (header is line 1)
+
+
+@SOURCES.register("csv", params=CsvParams)
+class CsvSource(Source):
+    """Your own images: a folder plus a CSV with one column per task (empty cell = missing label)."""
+
+    def inputs(self) -> list[Path]:
+        p = self.params
+        paths = [existing_path(p.images, "data.source.images"), existing_path(p.csv, "data.source.csv")]
+        return paths + ([existing_path(p.test_csv, "data.source.test_csv")] if p.test_csv else [])
+
+    def load(self) -> SourceData:
+        p = self.params
+        specs = {n: CsvTask() for n in p.tasks} if isinstance(p.tasks, list) else p.tasks
+        columns = {name: s.column or name for name, s in specs.items()}
+        img_root = existing_path(p.images, "data.source.images")
+        csv_path = existing_path(p.csv, "data.source.csv")
+        needed = list(columns.values()) + ([p.split_column] if p.split_column and not p.test_csv else [])
+        rows = {"train": [(csv_path, n, r) for n, r in _read_rows(csv_path, p.image_column, needed)]}
+        if p.test_csv:
+            test_path = existing_path(p.test_csv, "data.source.test_csv")
+            rows["test"] = [(test_path, n, r) for n, r in _read_rows(test_path, p.image_column, needed)]
+        elif p.split_column:
+            all_rows = rows["train"]
+            rows = {s: [t for t in all_rows if t[2][p.split_column].strip() == s] for s in ("train", "test")}
+        else:
+            raise DataError("data.source: give test_csv or split_column so a test split exists")
+        for s, rs in rows.items():
+            if not rs:
+                raise DataError(f"data.source: the {s} split has no rows")
+        tasks = []
+        for name, spec in specs.items():
+            col = columns[name]
+            seen = sorted({r[col].strip() for rs in rows.values() for _, _, r in rs} - {""})
+            classes = spec.classes or seen
+            tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
+        skipped: list[str] = []
+        sets = {}
+        for s, rs in rows.items():
+            items = []
+            for path, line, r in rs:
+                f = img_root / r[p.image_column].strip()
+                items.append((f"{f} ({path.name} line {line})", f.read_bytes if f.is_file() else _missing(f, path, line)))
+            imgs, kept = decode_all(items, self.image_size, p.channels, p.skip_corrupt, skipped)
+            labels = {}
+            for t in tasks:
+                index = {c: i for i, c in enumerate(t.classes)}
+                vals = np.empty(len(kept), np.int64)
+                for j, i in enumerate(kept):
+                    path, line, r = rs[i]
+                    v = r[columns[t.name]].strip()
+                    if v and v not in index:
+                        raise DataError(f"{path} line {line}: task {t.name!r} value {v!r} is not a known class; "
+                                        f"expected one of {t.classes} or an empty cell for missing")
+                    vals[j] = index[v] if v else MISSING
+                labels[t.name] = vals
+            sets[s] = ImageSet(imgs, labels)
+        return SourceData(tasks, sets["train"], sets["test"], skipped=skipped)
+
+
+def _missing(f: Path, csv_path: Path, line: int):
+    def read() -> bytes:
+        raise DataError(f"{csv_path} line {line}: image file {f} does not exist")
+    return read

@@ -1,0 +1,60 @@
+"""A Task is one classification problem the network learns: its classes, loss and metrics."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+MISSING = -1  # label value meaning "not labelled for this task": masked out of loss and metrics
+
+
+@dataclasses.dataclass
+class Task:
+    """Name, class names and loss settings of one task.
+
+    `kind` is "binary" for two-class attributes (reported with balanced accuracy too) and
+    "multiclass" otherwise. `flip_ok` says whether a horizontal flip keeps the label valid.
+    """
+
+    name: str
+    classes: list[str]
+    kind: Literal["multiclass", "binary"] = "multiclass"
+    label_smoothing: float = 0.0
+    weight: float = 1.0
+    flip_ok: bool = True
+    group: str = ""  # multi-input: which input stream feeds this task
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
+        if len(self.classes) == 2 and self.kind == "multiclass":
+            self.kind = "binary"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def metric_names(self) -> list[str]:
+        names = ["accuracy"]
+        if self.num_classes >= 10:
+            names.append("top5")
+        if self.kind == "binary":
+            names.append("balanced_accuracy")
+        return names
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`weight` x mean cross-entropy over labelled samples (label -1 is ignored; 0 if none is)."""
+        labelled = labels != MISSING
+        ce = F.cross_entropy(logits.float(), labels, ignore_index=MISSING,
+                             label_smoothing=self.label_smoothing, reduction="sum")
+        # dividing by max(count, 1) keeps the graph (and a 0 loss) for an all-missing batch
+        return self.weight * ce / labelled.sum().clamp(min=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Task":
+        return cls(**data)

@@ -1,0 +1,298 @@
+"""The training loop: epochs of balanced multi-task steps, validation-based model selection,
+atomic checkpoints every epoch, exact resume, NaN detection, metrics.jsonl and TensorBoard logs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..balancing import StepContext, build_balancer
+from ..config import Config, load_config, save_config
+from ..data import build_data
+from ..data.loader import BatchAugment, Normalize, TensorImages, TrainLoader
+from ..errors import CheckpointError, TrainingDiverged
+from ..evaluation.evaluate import evaluate
+from ..models import build_model
+from ..storage import save_torch, write_json, write_text
+from .optim import build_optimizer, build_scheduler
+from .progress import ProgressReporter
+
+# Config sections that may change when resuming (they do not alter what is computed).
+RESUMABLE_CHANGES = {"name", "train.log_every", "train.device", "train.threads", "train.compile"}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: d}
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    fa, fb = _flatten(a), _flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+class Trainer:
+    """Trains one multi-task model into `out_dir` (or resumes the run found there)."""
+
+    def __init__(self, cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: bool = False) -> None:
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.resume = resume
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = resolve_device(tc.device)
+        self.amp_dtype = torch.bfloat16 if (tc.precision == "bf16" or (
+            tc.precision == "auto" and self.device.type == "cuda")) else None
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not tc.deterministic
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(cfg.seed)
+        self.data = build_data(cfg)
+        self.tasks = self.data.tasks
+        self.model = build_model(cfg.model, self.tasks, self.data.image_shape).to(self.device)
+        if tc.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.balancer = build_balancer(cfg.balancing, self.tasks).to(self.device)
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.normalize = Normalize(self.data.mean, self.data.std, self.device, tc.channels_last)
+        d = cfg.data
+        self.train_sets = [TensorImages(s.train, self.device) for s in self.data.streams]
+        self.val_sets = [(TensorImages(s.val, self.device), s.tasks) for s in self.data.streams]
+        self.test_sets = [(TensorImages(s.test, self.device), s.tasks) for s in self.data.streams]
+        self.loaders = [TrainLoader(t, d.batch_size, cfg.seed, i, BatchAugment(
+            d.augment.crop_padding, d.augment.flip and s.flip)) for i, (t, s) in
+            enumerate(zip(self.train_sets, self.data.streams))]
+        self.steps = max(ld.natural_steps for ld in self.loaders)
+        self.optimizer = build_optimizer(tc, self.model, list(self.balancer.parameters()))
+        self.scheduler = build_scheduler(tc, self.optimizer, self.steps)
+        self.progress = ProgressReporter(tc.epochs, self.steps, enabled=not quiet)
+        self.start_epoch, self.wall_before = 0, 0.0
+        self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
+        self._tb = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def input_spec(self) -> dict[str, Any]:
+        return {"mean": self.data.mean, "std": self.data.std, "image_shape": list(self.data.image_shape)}
+
+    def _state(self, epoch: int, wall: float) -> dict[str, Any]:
+        return {
+            "epoch": epoch, "wall_time_s": wall, "best": self.best, "config": self.cfg.to_dict(),
+            "tasks": [t.to_dict() for t in self.tasks], "input": self.input_spec(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "balancer": self.balancer.state_dict(),
+            "balancer_extra": self.balancer.extra_state(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.out / "checkpoint.pt")
+        diff = config_differences(ckpt["config"], self.cfg.to_dict())
+        if diff:
+            raise CheckpointError(f"{self.out / 'checkpoint.pt'} does not match the config; differing keys: "
+                                  f"{', '.join(diff[:12])}")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.balancer.load_state_dict(ckpt["balancer"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.out / 'checkpoint.pt'} does not match the model: {exc}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.balancer.load_extra_state(ckpt["balancer_extra"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.start_epoch, self.wall_before, self.best = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["best"]
+        log = self.out / "metrics.jsonl"
+        if log.exists():  # drop lines written after the checkpoint (a crash between the two writes)
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()
+                     and json.loads(ln).get("epoch", -1) <= ckpt["epoch"]]
+            write_text(log, "".join(ln + "\n" for ln in lines))
+        self.progress.message(f"resumed {self.out} after epoch {ckpt['epoch'] + 1}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def tb(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
+            self._tb = SummaryWriter(str(self.out / "tb"))
+        return self._tb
+
+    # -- loop ------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
+        self.model.train()
+        names = [t.name for t in self.tasks]
+        by_name = {t.name: t for t in self.tasks}
+        sums = torch.zeros(3, len(names), dtype=torch.float64, device=self.device)  # loss, correct, count
+        shared_params = self.model.shared_parameters()
+        task_params = self.model.task_parameters()
+        clip = self.cfg.train.grad_clip
+        log_every = max(1, self.cfg.train.log_every)
+        self.progress.start_epoch(epoch)
+        t0, seen = time.perf_counter(), 0
+        for step in range(self.steps):
+            xs, labels, rows, start = [], {}, {}, 0
+            for loader, stream in zip(self.loaders, self.data.streams):
+                x, y = loader.batch(epoch, step, self.steps)
+                xs.append(self.normalize(x))
+                for name in stream.tasks:
+                    labels[name], rows[name] = y[name], slice(start, start + len(x))
+                start += len(x)
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            with self.autocast():
+                out = self.forward(x)
+            logits = {n: out.logits[n][rows[n]].float() for n in names}
+            losses = {n: by_name[n].loss(logits[n], labels[n]) for n in names}
+            self.optimizer.zero_grad(set_to_none=True)
+            ctx = StepContext(out.shared, shared_params, task_params, step, epoch)
+            weights = self.balancer.backward(losses, ctx)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            with torch.no_grad():
+                for i, n in enumerate(names):
+                    mask = labels[n] >= 0
+                    cnt = mask.sum()
+                    sums[0, i] += losses[n].detach().double() * cnt
+                    sums[1, i] += (logits[n].argmax(1) == labels[n])[mask].sum()
+                    sums[2, i] += cnt
+            seen += len(x)
+            if (step + 1) % log_every == 0 or step + 1 == self.steps:
+                stats = self._check(sums, names, epoch, step)
+                rate = seen / (time.perf_counter() - t0)
+                self.progress.update(epoch, step + 1, stats, rate)
+                gstep = epoch * self.steps + step + 1
+                for n in names:
+                    self.tb.add_scalar(f"train_loss/{n}", stats[n]["loss"], gstep)
+                    self.tb.add_scalar(f"task_weight/{n}", weights[n], gstep)
+                self.tb.add_scalar("lr", self.optimizer.param_groups[0]["lr"], gstep)
+        return self._check(sums, names, epoch, self.steps - 1), seen / (time.perf_counter() - t0)
+
+    def _check(self, sums: torch.Tensor, names: list[str], epoch: int, step: int) -> dict[str, dict[str, float]]:
+        s = sums.cpu()
+        for i, n in enumerate(names):
+            if not torch.isfinite(s[0, i]):
+                raise TrainingDiverged(
+                    f"task {n!r}: loss became {s[0, i].item()} in epoch {epoch + 1} by step {step + 1}; "
+                    f"stopped. The last good checkpoint is kept at {self.out / 'checkpoint.pt'} "
+                    "(try a lower train.lr or train.grad_clip)")
+        cnt = s[2].clamp(min=1)
+        return {n: {"loss": (s[0, i] / cnt[i]).item(), "accuracy": (s[1, i] / cnt[i]).item()}
+                for i, n in enumerate(names)}
+
+    def _evaluate(self, splits) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
+                        self.autocast)[0]
+
+    def _score(self, metrics: dict[str, dict[str, float]]) -> float:
+        """Model selection score: mean validation accuracy over tasks."""
+        return float(np.mean([m.get("accuracy", 0.0) for m in metrics.values()]))
+
+    def fit(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._restore()
+        elif (self.out / "checkpoint.pt").exists():
+            raise CheckpointError(f"{self.out} already holds a run; use --resume {self.out} or another --out")
+        write_text(self.out / "config.yaml", save_config(self.cfg))
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.progress.message(
+            f"{len(self.tasks)} task(s) {[t.name for t in self.tasks]}  |  {n_params / 1e6:.2f}M parameters  |  "
+            f"{sum(len(s.train) for s in self.data.streams)} train / {sum(len(s.val) for s in self.data.streams)} val"
+            f" / {sum(len(s.test) for s in self.data.streams)} test images  |  device {self.device}")
+        t_start = time.perf_counter()
+        rates = []
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            train_stats, rate = self._train_epoch(epoch)
+            rates.append(rate)
+            self.balancer.epoch_end(epoch, {n: s["loss"] for n, s in train_stats.items()})
+            val = self._evaluate(self.val_sets)
+            score = self._score(val)
+            is_best = score > self.best["score"]
+            wall = self.wall_before + time.perf_counter() - t_start
+            if is_best:
+                self.best = {"epoch": epoch, "score": score}
+                save_torch(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch,
+                                                  "tasks": [t.to_dict() for t in self.tasks],
+                                                  "input": self.input_spec(), "config": self.cfg.to_dict()})
+            line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
+                    "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                    "train": train_stats, "val": val}
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            for n, m in val.items():
+                for k, v in m.items():
+                    if k != "count":
+                        self.tb.add_scalar(f"val_{k}/{n}", v, (epoch + 1) * self.steps)
+            save_torch(self.out / "checkpoint.pt", self._state(epoch, wall))
+            self.progress.end_epoch(epoch, train_stats, val, rate, is_best)
+        if self._tb is not None:
+            self._tb.flush()
+        return self.finish(self.wall_before + time.perf_counter() - t_start, rates)
+
+    def finish(self, wall: float, rates: list[float]) -> dict[str, Any]:
+        """Evaluate the best (validation-selected) weights on val and test; write summary.json."""
+        best = load_checkpoint(self.out / "best.pt")
+        self.model.load_state_dict(best["model"])
+        val, test = self._evaluate(self.val_sets), self._evaluate(self.test_sets)
+        summary: dict[str, Any] = {
+            "name": self.cfg.name,
+            "tasks": {t.name: {"test": test[t.name], "val": val[t.name], "classes": t.classes}
+                      for t in self.tasks},
+            "best_epoch": best["epoch"], "epochs": self.cfg.train.epochs, "wall_time_s": round(wall, 2),
+            "train_images_per_s": round(float(np.mean(rates)), 1) if rates else None,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device), "balancing": self.cfg.balancing.get("method"),
+            "architecture": self.cfg.model.architecture.get("name"),
+            "skipped_images": {"count": len(self.data.skipped), "files": self.data.skipped[:50]},
+        }
+        write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def train(config: Config | dict | str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
+          resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run; with `baselines.single_task`, also the single-task runs and Δm."""
+    from .baselines import attach_delta_m, train_single_task_baselines
+
+    cfg = config if isinstance(config, Config) else (
+        load_config(data=config) if isinstance(config, dict) else load_config(config))
+    out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    summary = Trainer(cfg, out, resume=resume, quiet=quiet).fit()
+    stl_dirs = dict(cfg.baselines.runs)
+    if cfg.baselines.single_task:
+        stl_dirs.update(train_single_task_baselines(cfg, out, [t for t in summary["tasks"]], quiet))
+    if stl_dirs:
+        summary = attach_delta_m(out, summary, stl_dirs)
+    return summary
