@@ -134,6 +134,13 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for item in overrides:
@@ -160,7 +167,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: expected a mapping at the top level")
     if data is not None:
         raw = {**raw, **copy.deepcopy(data)}
-    raw = apply_overrides(raw, overrides or [])
+    # defaults first, so `--set model.backbone.width=0.5` keeps the default backbone's name
+    raw = apply_overrides(_merge(Config().to_dict(), raw), overrides or [])
     return parse(Config, _expand(raw), "")
 
 

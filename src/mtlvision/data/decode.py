@@ -37,6 +37,8 @@ def decode_all(items: Iterable[tuple[str, Callable[[], bytes]]], size: Optional[
     Unreadable images raise a DataError naming the file, or are skipped and listed in `skipped`.
     All images must share one size unless `size` is given.
     """
+    if channels not in (1, 3):
+        raise DataError(f"data.source.channels must be 1 or 3, got {channels}")
     items = list(items)
 
     def one(i: int):

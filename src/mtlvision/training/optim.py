@@ -27,9 +27,10 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.schedule == "onecycle":
+        # OneCycleLR divides by (warm-up steps - 1): keep at least 2 warm-up steps
+        pct = min(0.5, max((warm / total) if warm else 0.25, 2.0 / total))
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total,
-            pct_start=(warm / total) if warm else 0.25, anneal_strategy="cos",
+            optimizer, max_lr=cfg.lr, total_steps=max(total, 4), pct_start=pct, anneal_strategy="cos",
             cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
             base_momentum=0.85 if cfg.momentum >= 0.85 else cfg.momentum, max_momentum=max(cfg.momentum, 0.85))
 

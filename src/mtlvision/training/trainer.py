@@ -89,6 +89,8 @@ class Trainer:
             d.augment.crop_padding, d.augment.flip and s.flip)) for i, (t, s) in
             enumerate(zip(self.train_sets, self.data.streams))]
         self.steps = max(ld.natural_steps for ld in self.loaders)
+        self._shared_params = self.model.shared_parameters()
+        self._task_params = self.model.task_parameters()
         self.optimizer = build_optimizer(tc, self.model, list(self.balancer.parameters()))
         self.scheduler = build_scheduler(tc, self.optimizer, self.steps)
         self.progress = ProgressReporter(tc.epochs, self.steps, enabled=not quiet)
@@ -149,64 +151,83 @@ class Trainer:
         return self._tb
 
     # -- loop ------------------------------------------------------------------------------------
+    def next_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, slice]]:
+        """One augmented, normalised batch per stream, concatenated; `rows` says each task's slice."""
+        xs, labels, rows, start = [], {}, {}, 0
+        for loader, stream in zip(self.loaders, self.data.streams):
+            x, y = loader.batch(epoch, step, self.steps)
+            xs.append(self.normalize(x))
+            for name in stream.tasks:
+                labels[name], rows[name] = y[name], slice(start, start + len(x))
+            start += len(x)
+        return (xs[0] if len(xs) == 1 else torch.cat(xs)), labels, rows
+
+    def step_on(self, x: torch.Tensor, labels: dict[str, torch.Tensor], rows: dict[str, slice], epoch: int,
+                step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+        """Forward -> task losses -> balanced backward -> optimiser and schedule step."""
+        with self.autocast():
+            out = self.forward(x)
+        logits = {t.name: out.logits[t.name][rows[t.name]].float() for t in self.tasks}
+        losses = {t.name: t.loss(logits[t.name], labels[t.name]) for t in self.tasks}
+        self.optimizer.zero_grad(set_to_none=True)
+        ctx = StepContext(out.shared, self._shared_params, self._task_params, step, epoch)
+        weights = self.balancer.backward(losses, ctx)
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return losses, logits, weights
+
+    def train_step(self, epoch: int, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                         dict[str, torch.Tensor], dict[str, float], int]:
+        """One optimisation step; returns (losses, logits, labels, task weights, images in the step)."""
+        x, labels, rows = self.next_batch(epoch, step)
+        losses, logits, weights = self.step_on(x, labels, rows, epoch, step)
+        return losses, logits, labels, weights, len(x)
+
     def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
         self.model.train()
         names = [t.name for t in self.tasks]
-        by_name = {t.name: t for t in self.tasks}
         sums = torch.zeros(3, len(names), dtype=torch.float64, device=self.device)  # loss, correct, count
-        shared_params = self.model.shared_parameters()
-        task_params = self.model.task_parameters()
-        clip = self.cfg.train.grad_clip
+        # step at which each task's loss first became NaN/inf (-1: never); tracked without a sync
+        self._first_bad = torch.full((len(names),), -1, dtype=torch.long, device=self.device)
         log_every = max(1, self.cfg.train.log_every)
         self.progress.start_epoch(epoch)
         t0, seen = time.perf_counter(), 0
         for step in range(self.steps):
-            xs, labels, rows, start = [], {}, {}, 0
-            for loader, stream in zip(self.loaders, self.data.streams):
-                x, y = loader.batch(epoch, step, self.steps)
-                xs.append(self.normalize(x))
-                for name in stream.tasks:
-                    labels[name], rows[name] = y[name], slice(start, start + len(x))
-                start += len(x)
-            x = xs[0] if len(xs) == 1 else torch.cat(xs)
-            with self.autocast():
-                out = self.forward(x)
-            logits = {n: out.logits[n][rows[n]].float() for n in names}
-            losses = {n: by_name[n].loss(logits[n], labels[n]) for n in names}
-            self.optimizer.zero_grad(set_to_none=True)
-            ctx = StepContext(out.shared, shared_params, task_params, step, epoch)
-            weights = self.balancer.backward(losses, ctx)
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.optimizer.step()
-            self.scheduler.step()
+            losses, logits, labels, weights, n = self.train_step(epoch, step)
             with torch.no_grad():
-                for i, n in enumerate(names):
-                    mask = labels[n] >= 0
+                bad = ~torch.isfinite(torch.stack([losses[n].detach() for n in names]))
+                self._first_bad = torch.where((self._first_bad < 0) & bad, step, self._first_bad)
+                for i, name in enumerate(names):
+                    mask = labels[name] >= 0
                     cnt = mask.sum()
-                    sums[0, i] += losses[n].detach().double() * cnt
-                    sums[1, i] += (logits[n].argmax(1) == labels[n])[mask].sum()
+                    sums[0, i] += losses[name].detach().double() * cnt
+                    sums[1, i] += (logits[name].argmax(1) == labels[name])[mask].sum()
                     sums[2, i] += cnt
-            seen += len(x)
+            seen += n
             if (step + 1) % log_every == 0 or step + 1 == self.steps:
                 stats = self._check(sums, names, epoch, step)
                 rate = seen / (time.perf_counter() - t0)
                 self.progress.update(epoch, step + 1, stats, rate)
                 gstep = epoch * self.steps + step + 1
-                for n in names:
-                    self.tb.add_scalar(f"train_loss/{n}", stats[n]["loss"], gstep)
-                    self.tb.add_scalar(f"task_weight/{n}", weights[n], gstep)
+                for name in names:
+                    self.tb.add_scalar(f"train_loss/{name}", stats[name]["loss"], gstep)
+                    self.tb.add_scalar(f"task_weight/{name}", weights[name], gstep)
                 self.tb.add_scalar("lr", self.optimizer.param_groups[0]["lr"], gstep)
         return self._check(sums, names, epoch, self.steps - 1), seen / (time.perf_counter() - t0)
 
     def _check(self, sums: torch.Tensor, names: list[str], epoch: int, step: int) -> dict[str, dict[str, float]]:
+        first = self._first_bad.cpu()
+        if (first >= 0).any():
+            at = int(first[first >= 0].min())
+            culprits = [n for i, n in enumerate(names) if first[i] == at]
+            raise TrainingDiverged(
+                f"task {culprits[0]!r}: loss became NaN/inf in epoch {epoch + 1} at step {at + 1}"
+                f"{' (with ' + ', '.join(culprits[1:]) + ')' if len(culprits) > 1 else ''}; stopped. "
+                f"The last good checkpoint is kept at {self.out / 'checkpoint.pt'} "
+                "(try a lower train.lr or train.grad_clip)")
         s = sums.cpu()
-        for i, n in enumerate(names):
-            if not torch.isfinite(s[0, i]):
-                raise TrainingDiverged(
-                    f"task {n!r}: loss became {s[0, i].item()} in epoch {epoch + 1} by step {step + 1}; "
-                    f"stopped. The last good checkpoint is kept at {self.out / 'checkpoint.pt'} "
-                    "(try a lower train.lr or train.grad_clip)")
         cnt = s[2].clamp(min=1)
         return {n: {"loss": (s[0, i] / cnt[i]).item(), "accuracy": (s[1, i] / cnt[i]).item()}
                 for i, n in enumerate(names)}

@@ -40,14 +40,14 @@ class Source:
         return []
 
     def fingerprint(self) -> dict[str, Any]:
-        """Parameters plus size and mtime of every input file: any change invalidates the cache."""
+        """Parameters plus size and mtime (ns) of every input file: any change invalidates the cache."""
         stats = []
         for p in self.inputs():
             paths = sorted(p.rglob("*")) if p.is_dir() else [p]
             for q in paths:
                 if q.is_file():
                     st = q.stat()
-                    stats.append([str(q.resolve()), st.st_size, int(st.st_mtime)])
+                    stats.append([str(q.resolve()), st.st_size, st.st_mtime_ns])
         return {"class": type(self).__name__, "params": dataclasses.asdict(self.params), "files": stats}
 
     def load(self) -> SourceData:

@@ -47,8 +47,9 @@ def _list_split(root: Path, split: str) -> list[tuple[str, str, object]]:
                 parts = Path(m.name).parts
                 if m.isfile() and _is_image(m.name) and len(parts) >= 2:
                     data = tf.extractfile(m).read()
-                    out.append((parts[-2], f"{tar}:{m.name}", (lambda d=data: d)))
-        return sorted(out, key=lambda t: t[1])
+                    out.append((Path(m.name), parts[-2], f"{tar}:{m.name}", (lambda d=data: d)))
+        # the same order as a folder listing (by path components), so folder and tar give equal arrays
+        return [t[1:] for t in sorted(out, key=lambda t: t[0])]
     raise DataError(f"{root}: no {split}/ folder and no {split}.tar.gz")
 
 
@@ -106,7 +107,7 @@ class CsvParams:
 
 def _read_rows(path: Path, image_column: str, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
     with path.open(newline="") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, restval="")  # short rows: missing trailing cells are empty
         header = reader.fieldnames or []
         missing = [c for c in [image_column, *needed] if c not in header]
         if missing:

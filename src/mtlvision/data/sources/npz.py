@@ -54,6 +54,14 @@ def read_split(root: Path, split: str) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _drop_rows(raw: dict[str, np.ndarray], key: str, where: str) -> dict[str, np.ndarray]:
+    """Remove the rows where `raw[key]` is true (e.g. duplicates)."""
+    if key not in raw:
+        raise DataError(f"{where}: drop_key {key!r} is not a key (keys: {sorted(raw)})")
+    keep = ~raw[key].astype(bool)
+    return {k: v[keep] for k, v in raw.items()}
+
+
 def _bin_labels(values: np.ndarray, bins: list[float]) -> np.ndarray:
     idx = np.digitize(values, bins) - 1
     return np.where((idx < 0) | (idx >= len(bins) - 1) | (values < 0), MISSING, idx)
@@ -80,12 +88,17 @@ class NpzSource(Source):
         if p.fold_key:
             if p.fold_key not in train_raw:
                 raise DataError(f"{root}: fold_key {p.fold_key!r} is not a key (keys: {sorted(train_raw)})")
-            keep = ~train_raw[p.drop_key].astype(bool) if p.drop_key else np.ones(len(train_raw["images"]), bool)
             is_test = np.isin(train_raw[p.fold_key], p.test_folds)
-            test_raw = {k: v[keep & is_test] for k, v in train_raw.items()}
-            train_raw = {k: v[keep & ~is_test] for k, v in train_raw.items()}
+            test_raw = {k: v[is_test] for k, v in train_raw.items()}
+            train_raw = {k: v[~is_test] for k, v in train_raw.items()}
         else:
             test_raw = read_split(root, p.test_split)
+        # where each split's rows come from (with fold_key, both from train_split), for messages
+        where = {"train": f"{root}/{p.train_split}-*.npz",
+                 "test": f"{root}/{p.train_split if p.fold_key else p.test_split}-*.npz"}
+        if p.drop_key:
+            train_raw = _drop_rows(train_raw, p.drop_key, where["train"])
+            test_raw = _drop_rows(test_raw, p.drop_key, where["test"])
         tasks, train_labels, test_labels = [], {}, {}
         for name, spec in self._specs().items():
             key = spec.key or name
@@ -104,7 +117,7 @@ class NpzSource(Source):
                 raise DataError(f"data.source.tasks.{name}: {len(spec.bins) - 1} bins but "
                                 f"{len(spec.classes)} classes")
             tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
-            for raw, out, split in ((train_raw, train_labels, p.train_split), (test_raw, test_labels, p.test_split)):
-                out[name] = check_labels(conv(raw[key]), len(classes), name, f"{root}/{split}-*.npz")
+            for raw, out, split in ((train_raw, train_labels, "train"), (test_raw, test_labels, "test")):
+                out[name] = check_labels(conv(raw[key]), len(classes), name, where[split])
         return SourceData(tasks, ImageSet(train_raw["images"], train_labels),
                           ImageSet(test_raw["images"], test_labels))
