@@ -15,8 +15,8 @@ def _data(n=50, size=8):
 
 def test_crop_is_a_window_of_the_zero_padded_image():
     x = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
-    out = BatchAugment(crop_padding=2, flip=False)(x, g)
+    aug = BatchAugment(crop_padding=2, flip=False)
+    out = aug(x, aug.draw(16, torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(x, (0, 0, 2, 2, 2, 2))
     for i in range(16):
         windows = [padded[i, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
@@ -26,9 +26,10 @@ def test_crop_is_a_window_of_the_zero_padded_image():
 
 def test_flip_only_when_enabled():
     x = torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8)
-    same = BatchAugment(0, flip=False)(x, torch.Generator().manual_seed(0))
-    assert torch.equal(same, x)
-    flipped = BatchAugment(0, flip=True)(x, torch.Generator().manual_seed(0))
+    no_flip = BatchAugment(0, flip=False)
+    assert torch.equal(no_flip(x, no_flip.draw(64, torch.Generator().manual_seed(0))), x)
+    flip = BatchAugment(0, flip=True)
+    flipped = flip(x, flip.draw(64, torch.Generator().manual_seed(0)))
     is_flip = [torch.equal(flipped[i], x[i].flip(1)) for i in range(64)]
     is_same = [torch.equal(flipped[i], x[i]) for i in range(64)]
     assert all(a or b for a, b in zip(is_flip, is_same))

@@ -610,16 +610,9 @@ def test_derive_from_derived_missing_labels(tmp_path):
     np.testing.assert_array_equal(labels["nonzero"], (imgs[:, 0, 0, 0] % 3 != 0).astype(int))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="build.py only derives when the source task exists, so a misspelt "
-                          "data.derive.*.source is silently ignored instead of raising ConfigError")
 def test_derive_unknown_source_task(tmp_path):
-    try:
-        b = build(SHAPES, derive={"r": {"source": "shapes", "groups": {"a": ["circle"], "b": ["plus"]}}})
-    except ConfigError as exc:
-        assert "shapes" in str(exc)
-    else:
-        raise AssertionError(f"no error; tasks built: {[t.name for t in b.tasks]}")
+    with pytest.raises(ConfigError, match=r"data.derive.r.source: no task 'shapes'"):
+        build(SHAPES, derive={"r": {"source": "shapes", "groups": {"a": ["circle"], "b": ["plus"]}}})
 
 
 def test_task_overrides(tmp_path):

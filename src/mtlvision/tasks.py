@@ -7,6 +7,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 MISSING = -1  # label value meaning "not labelled for this task": masked out of loss and metrics
 
 
@@ -28,7 +30,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:
-            raise ValueError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
+            raise DataError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
         if len(self.classes) == 2 and self.kind == "multiclass":
             self.kind = "binary"
 

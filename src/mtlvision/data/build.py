@@ -132,6 +132,11 @@ def build_data(cfg: Config) -> DataBundle:
                               flip=all(t.flip_ok for t in active)))
         tasks.extend(active)
         skipped.extend(data.skipped)
+    provided = {n for s in streams for n in s.tasks} | set(cfg.tasks)
+    for name, dspec in d.derive.items():
+        if dspec.source not in provided:
+            raise ConfigError(f"data.derive.{name}.source: no task {dspec.source!r} "
+                              f"(tasks: {sorted(t.name for t in tasks)})")
     known = {t.name for t in tasks} | {n for n, o in cfg.tasks.items() if not o.enabled}
     unknown = sorted(set(cfg.tasks) - known - set(d.derive))
     if unknown:

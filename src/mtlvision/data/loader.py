@@ -33,30 +33,37 @@ class TensorImages:
         return len(self.images)
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        idx = idx.to(self.device, non_blocking=True)
         return self.images.index_select(0, idx), {k: v.index_select(0, idx) for k, v in self.labels.items()}
 
 
 class BatchAugment:
-    """Pad-and-random-crop plus optional horizontal flip, on a uint8 NHWC batch."""
+    """Pad-and-random-crop plus optional horizontal flip, on a uint8 NHWC batch.
+
+    Random parameters are drawn for a whole epoch at once (`draw`) and moved to the device in one
+    copy: a per-step host-to-device copy would stall the GPU queue every step.
+    """
 
     def __init__(self, crop_padding: int, flip: bool) -> None:
         self.pad = crop_padding
         self.flip = flip
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """(n, 3) int64: crop offset y, crop offset x, flip flag per sample."""
+        span = 2 * self.pad + 1
+        offsets = torch.randint(0, span, (n, 2), generator=g)
+        flips = (torch.rand(n, generator=g) < 0.5).long()[:, None] if self.flip else torch.zeros(n, 1, dtype=torch.long)
+        return torch.cat([offsets, flips], 1)
+
+    def __call__(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         if self.pad > 0:
             p = self.pad
             padded = torch.nn.functional.pad(x, (0, 0, p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
-            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+            rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]
+            cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]
             x = padded[torch.arange(b, device=x.device)[:, None, None], rows, cols]
         if self.flip:
-            mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
-            x = torch.where(mask[:, None, None, None], x.flip(2), x)
+            x = torch.where(params[:, 2, None, None, None].bool(), x.flip(2), x)
         return x
 
 
@@ -76,38 +83,46 @@ class Normalize:
 
 
 class TrainLoader:
-    """Shuffled fixed-size batches of one stream; `steps` per epoch (cycles if the stream is short)."""
+    """Shuffled fixed-size batches of one stream; `steps` per epoch (cycles if the stream is short).
+
+    The epoch's sample order and augmentation parameters come from generators seeded with
+    (seed, stream, epoch): the same on every run and device, and cheap to regenerate on resume.
+    """
 
     def __init__(self, data: TensorImages, batch_size: int, seed: int, stream: int,
                  augment: BatchAugment | None) -> None:
         if len(data) < batch_size:
             batch_size = len(data)
         self.data, self.batch_size, self.seed, self.stream, self.augment = data, batch_size, seed, stream, augment
-        self._order: tuple[int, torch.Tensor] | None = None
+        self._plan: tuple[int, int, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def natural_steps(self) -> int:
         return max(1, len(self.data) // self.batch_size)
 
-    def _epoch_order(self, epoch: int, steps: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
-            n = len(self.data)
-            laps = math.ceil(steps * self.batch_size / n)
-            self._order = (epoch, torch.cat([torch.randperm(n, generator=_gen(self.seed, self.stream, epoch, k))
-                                             for k in range(laps)]))
-        return self._order[1]
+    def _epoch_plan(self, epoch: int, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._plan is None or self._plan[:2] != (epoch, steps):
+            n, total = len(self.data), steps * self.batch_size
+            laps = math.ceil(total / n)
+            order = torch.cat([torch.randperm(n, generator=_gen(self.seed, self.stream, epoch, k))
+                               for k in range(laps)])[:total]
+            params = None
+            if self.augment is not None:
+                params = self.augment.draw(total, _gen(self.seed, self.stream, epoch, -1)).to(self.data.device)
+            self._plan = (epoch, steps, order.to(self.data.device), params)
+        return self._plan[2], self._plan[3]
 
     def batch(self, epoch: int, step: int, steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        order = self._epoch_order(epoch, steps)
-        idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-        x, y = self.data.take(idx)
+        order, params = self._epoch_plan(epoch, steps)
+        rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        x, y = self.data.take(order[rows])
         if self.augment is not None:
-            x = self.augment(x, _gen(self.seed, self.stream, epoch, step, 1))
+            x = self.augment(x, params[rows])
         return x, y
 
 
 def eval_batches(data: TensorImages, batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """Sequential batches of a whole split (no augmentation)."""
     for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        yield data.take(idx)
+        end = min(start + batch_size, len(data))
+        yield data.images[start:end], {k: v[start:end] for k, v in data.labels.items()}

@@ -200,10 +200,10 @@ class Trainer:
                 bad = ~torch.isfinite(torch.stack([losses[n].detach() for n in names]))
                 self._first_bad = torch.where((self._first_bad < 0) & bad, step, self._first_bad)
                 for i, name in enumerate(names):
-                    mask = labels[name] >= 0
+                    mask = labels[name] >= 0  # no boolean indexing here: it would sync with the GPU
                     cnt = mask.sum()
                     sums[0, i] += losses[name].detach().double() * cnt
-                    sums[1, i] += (logits[name].argmax(1) == labels[name])[mask].sum()
+                    sums[1, i] += ((logits[name].argmax(1) == labels[name]) & mask).sum()
                     sums[2, i] += cnt
             seen += n
             if (step + 1) % log_every == 0 or step + 1 == self.steps:

@@ -99,7 +99,7 @@ class CsvParams:
     csv: str  # training rows (or all rows, with split_column)
     tasks: Union[dict[str, CsvTask], list[str]]
     test_csv: Optional[str] = None
-    split_column: Optional[str] = None  # values "train" / "test" when test_csv is not given
+    split_column: Optional[str] = None  # values train / val / test, when test_csv is not given
     image_column: str = "image"
     channels: int = 3
     skip_corrupt: bool = False
@@ -137,7 +137,13 @@ class CsvSource(Source):
             rows["test"] = [(test_path, n, r) for n, r in _read_rows(test_path, p.image_column, needed)]
         elif p.split_column:
             all_rows = rows["train"]
-            rows = {s: [t for t in all_rows if t[2][p.split_column].strip() == s] for s in ("train", "test")}
+            for path, line, r in all_rows:
+                if r[p.split_column].strip() not in ("train", "val", "test"):
+                    raise DataError(f"{path} line {line}: {p.split_column} is {r[p.split_column]!r}; "
+                                    "expected train, val or test")
+            rows = {s: [t for t in all_rows if t[2][p.split_column].strip() == s] for s in ("train", "val", "test")}
+            if not rows["val"]:
+                del rows["val"]
         else:
             raise DataError("data.source: give test_csv or split_column so a test split exists")
         for s, rs in rows.items():
@@ -170,7 +176,7 @@ class CsvSource(Source):
                     vals[j] = index[v] if v else MISSING
                 labels[t.name] = vals
             sets[s] = ImageSet(imgs, labels)
-        return SourceData(tasks, sets["train"], sets["test"], skipped=skipped)
+        return SourceData(tasks, sets["train"], sets["test"], sets.get("val"), skipped=skipped)
 
 
 def _missing(f: Path, csv_path: Path, line: int):

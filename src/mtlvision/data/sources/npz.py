@@ -64,7 +64,7 @@ def _drop_rows(raw: dict[str, np.ndarray], key: str, where: str) -> dict[str, np
 
 def _bin_labels(values: np.ndarray, bins: list[float]) -> np.ndarray:
     idx = np.digitize(values, bins) - 1
-    return np.where((idx < 0) | (idx >= len(bins) - 1) | (values < 0), MISSING, idx)
+    return np.where((idx < 0) | (idx >= len(bins) - 1), MISSING, idx)
 
 
 @SOURCES.register("npz", params=NpzParams)

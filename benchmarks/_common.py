@@ -1,0 +1,62 @@
+"""Shared helpers for the benchmark scripts (not a public API): alternating-round timing, paired ratio
+statistics, the table/JSON report and a description of the environment."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_threads() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def interleave(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, `rounds` calls each, the order alternating per round (A B, B A, ...)."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median of the per-round ratios num/den (paired rounds), their range, and the ratio of medians."""
+    per_round = [a / b for a, b in zip(num, den)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+            "of_medians": statistics.median(num) / statistics.median(den)}
+
+
+def report(title: str, rows: list[tuple[str, str]], result: dict[str, Any], as_json: bool) -> None:
+    """A two-column table on stdout, or `result` as one JSON object (--json)."""
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    width = max(len(k) for k, _ in rows)
+    print(title)
+    print("-" * max(len(title), width + 24))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": default_threads(),
+            "python": sys.version.split()[0]}

@@ -1,0 +1,205 @@
+"""Training throughput through mtlvision's full data pipeline versus pre-made tensors, on real CIFAR-10.
+
+Measured, in one process (CPU, fp32, channels_last; the network of --config, by default
+configs/cifar10_aux.yaml = ResNet-18 width 0.25, task-features, tasks class + vehicle):
+  cache     wall time to decode all 60,000 JPEGs of the imagefolder source into a FRESH uint8 .npy
+            cache (temporary dir unless --cache-dir), then to reload it (cache hit + copy into RAM, as
+            a run's start does; the OS page cache is warm because the files were just written).
+  pipeline  img/s of `Trainer.train_step`: `next_batch` (TrainLoader.batch: index_select on the uint8
+            cache + pad/crop/flip; Normalize) then `step_on` (forward -> Task.loss -> balancer.backward ->
+            optimizer.step -> scheduler.step).
+  in-memory img/s of the SAME `Trainer.step_on` on batches made once by `next_batch` before timing and
+            reused (no loading, no augmentation in the timed loop).
+  loader    ms per batch of `Trainer.next_batch` alone (context: the loader's share of a step).
+Pipeline, in-memory and loader alternate in rounds (A B C, C B A, ...) after warm-up. Read the RATIO
+pipeline/in-memory throughput (median of per-round ratios). Goal: >= 0.95, i.e. the data pipeline keeps
+at least 95% of the pure compute rate. Absolute img/s and seconds are context for this machine only.
+
+Example:  python benchmarks/data_pipeline.py                    (data: ../shared/data/cifar10)
+          python benchmarks/data_pipeline.py --data-root DIR --width 0.5 --json
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from _common import REPO_ROOT, default_threads, environment, interleave, ratio_stats, report
+
+from mtlvision.config import load_config, set_path
+from mtlvision.data.build import _load
+from mtlvision.data.cache import cache_key
+from mtlvision.data.sources import SOURCES
+from mtlvision.training.trainer import Trainer
+
+GOAL = 0.95
+DEFAULT_DATA = "../shared/data/cifar10"
+
+
+def find_data(arg: str | None) -> Path | None:
+    """The CIFAR-10 folder (train/test as tar.gz or folders); default tried from cwd, then the repo root."""
+    candidates = [Path(arg)] if arg else [Path(DEFAULT_DATA), REPO_ROOT / DEFAULT_DATA]
+    for c in candidates:
+        c = c.expanduser()
+        if all((c / s).is_dir() or any((c / f"{s}{e}").is_file() for e in (".tar.gz", ".tgz", ".tar"))
+               for s in ("train", "test")):
+            return c.resolve()
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", default=None,
+                    help=f"CIFAR-10 JPEG folder with train/test (.tar.gz or folders); default {DEFAULT_DATA}")
+    ap.add_argument("--config", default=str(REPO_ROOT / "configs" / "cifar10_aux.yaml"),
+                    help="run config giving model/tasks/augmentation (default configs/cifar10_aux.yaml); "
+                         "its data.source.path is replaced by --data-root")
+    ap.add_argument("--cache-dir", default=None,
+                    help="decoded-cache root (default: a fresh temporary dir, deleted afterwards); if the "
+                         "entry already exists there the build is not timed")
+    ap.add_argument("--keep-cache", action="store_true", help="keep the temporary cache dir")
+    ap.add_argument("--width", type=float, default=0.25, help="ResNet-18 width multiplier (default 0.25)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20, help="steps per variant per round (default 20)")
+    ap.add_argument("--warmup", type=int, default=5, help="warm-up steps per variant (default 5)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (default 7)")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
+        ap.error("--steps, --rounds and --batch-size must be >= 1, --warmup >= 0")
+
+    data_root = find_data(args.data_root)
+    if data_root is None:
+        tried = args.data_root or f"{DEFAULT_DATA} (from {Path.cwd()} and from {REPO_ROOT})"
+        print(f"data_pipeline: CIFAR-10 JPEGs not found at {tried}: expected train.tar.gz and test.tar.gz "
+              "(or train/ and test/ folders) in ImageFolder layout. Pass --data-root DIR.", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+
+    fresh = args.cache_dir is None
+    cache_root = Path(tempfile.mkdtemp(prefix="mtlvision-bench-cache-")) if fresh else Path(args.cache_dir)
+    out_dir = tempfile.mkdtemp(prefix="mtlvision-bench-run-")
+    try:
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        needed_steps = 2 * (args.warmup + args.rounds * args.steps) + 8  # scheduler steps this run takes
+        for key, value in {"data.source.path": str(data_root), "data.cache": True, "data.cache_dir": str(cache_root),
+                           "data.batch_size": args.batch_size, "model.backbone.width": args.width,
+                           "train.device": "cpu", "train.precision": "fp32", "train.channels_last": True,
+                           "train.compile": False, "train.threads": args.threads}.items():
+            set_path(raw, key, value)
+        raw["train"]["epochs"] = max(int(raw["train"].get("epochs", 1)), needed_steps)  # OneCycle total >= steps
+        cfg = load_config(data=raw)
+        if cfg.data.sources:
+            ap.error(f"{args.config}: multi-input configs (data.sources) are not supported here")
+
+        # -- decoded cache: build (fresh) and reload, through build.py's own _load ------------------
+        spec = dict(cfg.data.source)
+        name = spec.pop("name")
+        source = SOURCES.build(name, SOURCES.parse_params(name, spec, "data.source"), image_size=cfg.data.image_size)
+        entry = cache_root / f"{name}-{cache_key(name, source, cfg.data.image_size, cfg.data.channels)}"
+        existed = (entry / "meta.json").is_file()
+        t0 = time.perf_counter()
+        loaded = _load(cfg.data.source, "data.source", cfg)
+        build_s = None if existed else time.perf_counter() - t0
+        n_images = sum(len(s) for s in (loaded.train, loaded.val, loaded.test) if s is not None)
+        del loaded
+        t0 = time.perf_counter()
+        loaded = _load(cfg.data.source, "data.source", cfg)
+        arrays = [np.array(s.images) for s in (loaded.train, loaded.val, loaded.test) if s is not None]
+        reload_s = time.perf_counter() - t0
+        del loaded, arrays
+
+        t0 = time.perf_counter()
+        tr = Trainer(cfg, out_dir, quiet=True)
+        init_s = time.perf_counter() - t0
+
+        # -- the three variants: the Trainer's own next_batch / step_on / train_step ---------------------
+        tr.model.train()
+        pre = [tr.next_batch(0, s) for s in range(min(8, tr.steps))]  # made before any timing, then reused
+        batch_images = len(pre[0][0])
+        pos = {"pipeline": 0, "loader": 0}  # in lockstep: same (epoch, step)s, so they share the loaders' epoch order
+
+        def advance(kind: str) -> tuple[int, int]:
+            pos[kind] += 1
+            return divmod(pos[kind] - 1, tr.steps)
+
+        def pipeline(n: int) -> None:
+            for _ in range(n):
+                tr.train_step(*advance("pipeline"))
+
+        def in_memory(n: int) -> None:
+            for i in range(n):
+                tr.step_on(*pre[i % len(pre)], 0, i)
+
+        def loader_only(n: int) -> None:
+            for _ in range(n):
+                tr.next_batch(*advance("loader"))
+
+        for fn in (pipeline, in_memory, loader_only):
+            fn(max(1, args.warmup))
+        times = interleave({"pipeline": lambda: pipeline(args.steps), "in_memory": lambda: in_memory(args.steps),
+                            "loader": lambda: loader_only(args.steps)}, args.rounds)
+        n_params = sum(p.numel() for p in tr.model.parameters())
+        tasks = [t.name for t in tr.tasks]
+        train_images = len(tr.train_sets[0])
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if fresh and not args.keep_cache:
+            shutil.rmtree(cache_root, ignore_errors=True)
+
+    ips = {k: [args.steps * batch_images / t for t in v] for k, v in times.items() if k != "loader"}
+    med = {k: statistics.median(v) for k, v in ips.items()}
+    loader_ms = statistics.median(1000 * t / args.steps for t in times["loader"])
+    pipe_ms = statistics.median(1000 * t / args.steps for t in times["pipeline"])
+    ratio = ratio_stats(times["in_memory"], times["pipeline"])  # = throughput pipeline / in-memory, per round
+    result = {
+        "benchmark": "data_pipeline", "goal": {"ratio_pipeline_over_in_memory_min": GOAL},
+        "pass": ratio["median"] >= GOAL,
+        "settings": {"config": str(args.config), "data_root": str(data_root), "width": args.width,
+                     "batch_size": args.batch_size, "batch_images": batch_images, "steps": args.steps,
+                     "rounds": args.rounds, "warmup_steps": args.warmup, "tasks": tasks, "parameters": n_params,
+                     "train_images": train_images, "augment": cfg.to_dict()["data"]["augment"],
+                     "precision": "fp32", "channels_last": True},
+        "cache": {"images": n_images, "build_s": build_s, "reload_s": reload_s, "fresh_dir": fresh,
+                  "entry_existed": existed, "dir": None if fresh and not args.keep_cache else str(cache_root)},
+        "trainer_init_s": init_s,
+        "img_per_s": med, "rounds_img_per_s": ips, "loader_ms_per_batch": loader_ms,
+        "pipeline_ms_per_step": pipe_ms, "ratio_pipeline_over_in_memory": ratio, "env": environment(),
+    }
+    rows = [
+        ("model", f"resnet18 w{args.width:g}, {cfg.model.architecture.get('name')}, tasks {tasks}, "
+                  f"{n_params / 1e6:.2f}M params"),
+        ("batch / threads", f"{batch_images} x {tuple(tr.data.image_shape)} uint8 -> fp32 channels_last / "
+                            f"{torch.get_num_threads()} threads"),
+        ("rounds x steps", f"{args.rounds} x {args.steps} per variant, interleaved (warm-up {args.warmup})"),
+        ("cache build", f"{build_s:.1f} s for {n_images} JPEGs ({n_images / build_s:.0f} img/s, fresh dir)"
+         if build_s is not None else f"not timed: entry already in {cache_root}"),
+        ("cache reload", f"{reload_s:.2f} s (hit + copy into RAM; "
+                         f"{'page cache warm: just written' if build_s is not None else 'page cache state unknown'})"),
+        ("trainer init", f"{init_s:.2f} s (warm cache: split, stats, model)"),
+        ("pipeline", f"{med['pipeline']:.0f} img/s  (median; rounds "
+                     f"{min(ips['pipeline']):.0f}-{max(ips['pipeline']):.0f})"),
+        ("in-memory", f"{med['in_memory']:.0f} img/s  (median; rounds "
+                      f"{min(ips['in_memory']):.0f}-{max(ips['in_memory']):.0f})"),
+        ("loader alone", f"{loader_ms:.2f} ms/batch ({100 * loader_ms / pipe_ms:.1f}% of a pipeline step)"),
+        ("ratio pipe/mem", f"{ratio['median']:.3f}  (median of per-round ratios; range {ratio['min']:.3f}-"
+                           f"{ratio['max']:.3f}; ratio of medians {ratio['of_medians']:.3f})"),
+        (f"goal >= {GOAL}", "PASS" if result["pass"] else "FAIL"),
+    ]
+    report("data_pipeline: CIFAR-10 JPEGs -> cache -> TrainLoader -> step vs pre-made tensors (CPU)",
+           rows, result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
