@@ -69,7 +69,14 @@ def test_component_validation(tmp_path, section, spec, expect):
     for k in path:
         node = node.setdefault(k, {})
     node[last] = spec
-    cfg = load_config(data=data)
+    with pytest.raises(ConfigError, match=expect):  # at load time, before any data is read
+        load_config(data=data)
+    # the builders validate too (a Config can be built in code without load_config)
+    cfg = load_config()
+    node = cfg.model.backbone if section == "model.backbone" else cfg.model.architecture \
+        if section == "model.architecture" else cfg.balancing if section == "balancing" else cfg.data.source
+    node.clear()
+    node.update(spec)
     tasks = [Task("a", ["x", "y"])]
     with pytest.raises(ConfigError, match=expect):
         if section.startswith("model"):
@@ -78,3 +85,46 @@ def test_component_validation(tmp_path, section, spec, expect):
             build_balancer(cfg.balancing, tasks)
         else:
             build_data(cfg)
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("data.batch_size=0", r"data.batch_size: expected > 0, got 0"),
+    ("data.val_fraction=1.5", r"data.val_fraction: expected a value in \(0, 1\)"),
+    ("data.augment.crop_padding=-1", r"data.augment.crop_padding: expected >= 0"),
+    ("train.epochs=0", r"train.epochs: expected >= 1"),
+    ("train.lr=-0.1", r"train.lr: expected > 0"),
+    ("tasks.a.label_smoothing=1.5", r"label_smoothing: expected in \[0, 1\)"),
+    ("data.eval_batch_size=0", r"data.eval_batch_size: expected > 0"),
+    ("train.grad_clip=0", r"train.grad_clip: expected > 0 or null"),
+])
+def test_value_ranges_are_checked(override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_config(overrides=[override])
+
+
+def test_components_are_validated_at_load_time():
+    """Bad component parameters fail before any data is decoded."""
+    with pytest.raises(ConfigError, match=r"model.head: unknown key\(s\) hiden"):
+        load_config(data={"model": {"head": {"name": "mlp", "hiden": 3}}})
+    with pytest.raises(ConfigError, match=r"balancing.weights: expected mapping of float"):
+        load_config(data={"balancing": {"method": "fixed", "weights": [1, 2]}})
+
+
+def test_nested_union_errors_name_the_inner_key():
+    with pytest.raises(ConfigError, match=r"data.source.tasks.age.bin.*unknown key|unknown key\(s\) bin"):
+        load_config(data={"data": {"source": {"name": "npz", "path": ".", "tasks": {"age": {"bin": [0, 1]}}}}})
+
+
+def test_set_creates_multi_input_sources_and_bad_yaml_value():
+    cfg = load_config(overrides=["data.sources.a.name=shapes", "data.sources.b.name=shapes"])
+    assert set(cfg.data.sources) == {"a", "b"}
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(overrides=["train.lr=[1,"])
+
+
+def test_device_is_validated():
+    from mtlvision.training.trainer import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="train.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu")

@@ -71,4 +71,4 @@ def test_mlp_head():
     model = build_model(ModelConfig(backbone={"name": "smallcnn", "width": 8, "out_dim": 32},
                                     architecture={"name": "hps"}, head={"name": "mlp", "hidden": 7}),
                         TASKS, (32, 32, 3))
-    assert model.heads["a"][0].out_features == 7
+    assert model.heads[0][0].out_features == 7

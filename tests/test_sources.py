@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from torchvision import datasets
 
 from mtlvision.config import load_config
 from mtlvision.data import SOURCES, build_data
+from mtlvision.data.decode import decode_all
 from mtlvision.data.sources.npz import NpzSource
 from mtlvision.errors import ConfigError, DataError
 from mtlvision.tasks import MISSING
@@ -229,6 +231,31 @@ def test_imagefolder_grayscale_source_channels(tmp_path):
         load_raw({"name": "imagefolder", "path": str(tmp_path), "channels": 4})
 
 
+def test_imagefolder_corrupt_tar(tmp_path):
+    make_imagefolder(tmp_path / "plain")
+    pack_tars(tmp_path / "plain", tmp_path / "packed")
+    tar = tmp_path / "packed" / "train.tar.gz"
+    whole = tar.read_bytes()
+    for blob in (b"not a tar archive" * 10, whole[:len(whole) // 2]):  # junk, truncated download
+        tar.write_bytes(blob)
+        with pytest.raises(DataError, match=r"train\.tar\.gz: cannot read archive"):
+            load_raw({"name": "imagefolder", "path": str(tmp_path / "packed")})
+
+
+def test_decode_unreadable_file(tmp_path):
+    Image.fromarray(folder_image(0, 0, "train")).save(tmp_path / "a.png")
+
+    def unreadable() -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    items = [("a.png", (tmp_path / "a.png").read_bytes), ("b.png", unreadable)]
+    with pytest.raises(DataError, match=r"b\.png: cannot read file \(PermissionError"):
+        decode_all(items, None, 3, skip_corrupt=False, skipped=[])
+    skipped: list[str] = []
+    imgs, kept = decode_all(items, None, 3, skip_corrupt=True, skipped=skipped)
+    assert kept == [0] and skipped == ["b.png"] and imgs.shape == (1, 8, 8, 3)
+
+
 # ----------------------------------------------------------------------------------------------------
 # csv
 
@@ -244,7 +271,7 @@ def test_csv_two_tasks_and_missing_cells(tmp_path):
     imgs = make_csv_images(tmp_path / "images", 6)
     # i1 has an empty colour cell, i3 a short row (no shape cell at all)
     (tmp_path / "train.csv").write_text("image,color,shape\ni0.png,red,round\ni1.png,,square\n"
-                                        "i2.png, green ,round\ni3.png,red\n")
+                                        "i2.png, green ,round\ni3.png,blue\n")
     (tmp_path / "test.csv").write_text("image,color,shape\ni4.png,blue,square\ni5.png,green,round\n")
     source = {"name": "csv", "images": str(tmp_path / "images"), "csv": str(tmp_path / "train.csv"),
               "test_csv": str(tmp_path / "test.csv"), "tasks": ["color", "shape"]}
@@ -253,7 +280,7 @@ def test_csv_two_tasks_and_missing_cells(tmp_path):
                                                         ("shape", ["round", "square"])]
     np.testing.assert_array_equal(raw.train.images, imgs[:4])
     np.testing.assert_array_equal(raw.test.images, imgs[4:])
-    np.testing.assert_array_equal(raw.train.labels["color"], [2, MISSING, 1, 2])
+    np.testing.assert_array_equal(raw.train.labels["color"], [2, MISSING, 1, 0])
     np.testing.assert_array_equal(raw.train.labels["shape"], [0, 1, 0, MISSING])
     np.testing.assert_array_equal(raw.test.labels["color"], [0, 1])
     np.testing.assert_array_equal(raw.test.labels["shape"], [1, 0])
@@ -263,7 +290,7 @@ def test_csv_two_tasks_and_missing_cells(tmp_path):
     assert (len(b.streams[0].train), len(b.streams[0].val)) == (3, 1)
     imgs_tr, labels = whole_train(b.streams[0])
     by_id = {int(v) // 10: k for k, v in enumerate(imgs_tr[:, 0, 0, 0])}
-    assert [int(labels["color"][by_id[i]]) for i in range(4)] == [2, MISSING, 1, 2]
+    assert [int(labels["color"][by_id[i]]) for i in range(4)] == [2, MISSING, 1, 0]
 
 
 def test_csv_declared_classes_and_column(tmp_path):
@@ -311,6 +338,40 @@ def test_csv_split_column(tmp_path):
         load_raw({k: v for k, v in source.items() if k != "split_column"})
     (tmp_path / "all.csv").write_text("image,split,kind\ni0.png,train,x\ni1.png,train,y\n")
     with pytest.raises(DataError, match="the test split has no rows"):
+        load_raw(source)
+
+
+def test_csv_test_value_not_in_training_rows(tmp_path):
+    make_csv_images(tmp_path / "images", 4)
+    (tmp_path / "train.csv").write_text("image,c\ni0.png,red\ni1.png,green\n")
+    (tmp_path / "test.csv").write_text("image,c\ni2.png,green\ni3.png,blue\n")
+    source = {"name": "csv", "images": str(tmp_path / "images"), "csv": str(tmp_path / "train.csv"),
+              "test_csv": str(tmp_path / "test.csv"), "tasks": ["c"]}
+    with pytest.raises(DataError, match=r"test\.csv line 3: task 'c' value 'blue' is not a known class"):
+        load_raw(source)
+    raw = load_raw(source | {"tasks": {"c": {"classes": ["red", "green", "blue"]}}})
+    np.testing.assert_array_equal(raw.test.labels["c"], [1, 2])
+
+    # with a split column, too: the class list comes from train and val rows only
+    (tmp_path / "all.csv").write_text("image,split,c\ni0.png,train,red\ni1.png,val,green\n"
+                                      "i2.png,train,red\ni3.png,test,blue\n")
+    split = {"name": "csv", "images": str(tmp_path / "images"), "csv": str(tmp_path / "all.csv"),
+             "split_column": "split", "tasks": ["c"]}
+    with pytest.raises(DataError, match=r"all\.csv line 5: task 'c' value 'blue'"):
+        load_raw(split)
+
+
+def test_csv_encoding(tmp_path):
+    make_csv_images(tmp_path / "images", 3)
+    source = {"name": "csv", "images": str(tmp_path / "images"), "csv": str(tmp_path / "train.csv"),
+              "test_csv": str(tmp_path / "test.csv"), "tasks": ["y"]}
+    # Excel writes a byte-order mark before the header
+    (tmp_path / "train.csv").write_text("image,y\ni0.png,a\ni1.png,b\n", encoding="utf-8-sig")
+    (tmp_path / "test.csv").write_text("image,y\ni2.png,a\n", encoding="utf-8-sig")
+    np.testing.assert_array_equal(load_raw(source).train.labels["y"], [0, 1])
+
+    (tmp_path / "test.csv").write_bytes("image,y\ni2.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"test\.csv: cannot read CSV .*expected a UTF-8 text file"):
         load_raw(source)
 
 
@@ -439,6 +500,35 @@ def test_npz_missing_key_and_files(tmp_path):
         load_raw({"name": "npz", "path": str(tmp_path), "tasks": ["label"]})
 
 
+def test_npz_inconsistent_keys(tmp_path):
+    make_npz(tmp_path)
+    ages = {"name": "npz", "path": str(tmp_path), "tasks": {"a": {"key": "age", "bins": [0, 10, 20]}}}
+    np.savez(tmp_path / "test-00.npz", images=id_images([1]), label=np.array([1], np.uint8))
+    with pytest.raises(DataError, match=r"tasks\.a: key 'age' is in .*train-\*\.npz but not in .*test-\*\.npz"):
+        load_raw(ages)
+
+    np.savez(tmp_path / "train-01.npz", images=id_images([7]), label=np.array([1], np.uint8))
+    with pytest.raises(DataError, match=r"train-01\.npz: keys \['images', 'label'\] differ from .*train-00\.npz"):
+        load_raw({"name": "npz", "path": str(tmp_path), "tasks": ["label"]})
+
+
+def test_npz_bad_bins_meta_and_images(tmp_path):
+    make_npz(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.source\.tasks\.a\.bins: expected strictly increasing"):
+        load_raw({"name": "npz", "path": str(tmp_path), "tasks": {"a": {"key": "age", "bins": [0, 20, 10]}}})
+
+    for text in ('{"label_kinds": {"label": ', '["label"]'):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(DataError, match=r"meta\.json: (not valid JSON|expected)"):
+            load_raw({"name": "npz", "path": str(tmp_path), "tasks": ["label"]})
+    (tmp_path / "meta.json").unlink()
+
+    np.savez(tmp_path / "test-00.npz", images=id_images([1, 2]).astype(np.float32), label=np.array([1, 0], np.uint8),
+             age=np.array([1, 2], np.int16))
+    with pytest.raises(DataError, match=r"test-00\.npz: 'images' is float32 \(2, 4, 4, 3\); expected uint8"):
+        load_raw({"name": "npz", "path": str(tmp_path), "tasks": ["label"]})
+
+
 # ----------------------------------------------------------------------------------------------------
 # cifar10 / cifar100 (official python pickle format)
 
@@ -497,6 +587,22 @@ def test_cifar10_corrupted_file(cifar10_root):
 def test_cifar_missing_folder(tmp_path, name):
     with pytest.raises(DataError, match=r"cifar-(10-batches|100)-py.*download: true"):
         build({"name": name, "root": str(tmp_path / "empty")})
+
+
+def test_cifar_download_fails(tmp_path, monkeypatch):
+    def offline(self):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    with pytest.raises(DataError, match=r"could not reach https://\S+cifar-10-python\.tar\.gz .*download: false"):
+        load_raw({"name": "cifar10", "root": str(tmp_path), "download": True})
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", unreadable)
+    with pytest.raises(DataError, match=r"cannot read .*cifar-10-batches-py \(\[Errno 13\]"):
+        load_raw({"name": "cifar10", "root": str(tmp_path)})
 
 
 def test_cifar100_fine_and_coarse(tmp_path, monkeypatch):
@@ -578,6 +684,14 @@ def test_multimnist(tmp_path):
     assert b.streams[0].flip is False and b.image_shape == (28, 28, 1)
 
 
+def test_multimnist_without_label(tmp_path):
+    make_mnist(tmp_path / "mnist")
+    z = dict(np.load(tmp_path / "mnist" / "test-00.npz"))
+    np.savez(tmp_path / "mnist" / "test-00.npz", images=z["images"], digit=z["label"])
+    with pytest.raises(DataError, match=r"test-\*\.npz: no 'label' array \(keys: \['digit', 'images'\]\)"):
+        load_raw({"name": "multimnist", "path": str(tmp_path / "mnist")})
+
+
 # ----------------------------------------------------------------------------------------------------
 # build_data
 
@@ -600,6 +714,10 @@ def test_derive_groups(tmp_path):
 
     with pytest.raises(ConfigError, match=r"'oval' is not a class of 'shape' \(classes: \['circle', 'square'"):
         build(SHAPES, derive={"r": {"source": "shape", "groups": {"round": ["circle", "oval"], "b": ["plus"]}}})
+    with pytest.raises(ConfigError, match=r"data\.derive\.r\.groups: class 'circle' is in both 'round' and 'b'"):
+        build(SHAPES, derive={"r": {"source": "shape", "groups": {"round": ["circle"], "b": ["plus", "circle"]}}})
+    with pytest.raises(ConfigError, match=r"data\.derive\.size: the source already has a task named 'size'"):
+        build(SHAPES, derive={"size": {"source": "shape", "groups": {"round": ["circle"], "b": ["plus"]}}})
 
 
 def test_derive_from_derived_missing_labels(tmp_path):
@@ -616,16 +734,22 @@ def test_derive_unknown_source_task(tmp_path):
 
 
 def test_task_overrides(tmp_path):
-    b = build(SHAPES, tasks={"position": {"enabled": False}, "shape": {"weight": 2.0, "label_smoothing": 0.1}})
+    b = build(SHAPES, tasks={"position": {"enabled": False}, "shape": {"label_smoothing": 0.1}})
     assert [t.name for t in b.tasks] == ["shape", "colour", "size"]
     assert set(b.streams[0].train.labels) == set(b.streams[0].test.labels) == {"shape", "colour", "size"}
     assert b.streams[0].flip is True  # position (not flip-invariant) is disabled
-    assert (b.task("shape").weight, b.task("shape").label_smoothing) == (2.0, 0.1)
-    assert b.task("colour").weight == 1.0
+    assert (b.task("shape").label_smoothing, b.task("colour").label_smoothing) == (0.1, 0.0)
     assert build(SHAPES).streams[0].flip is False
 
     with pytest.raises(ConfigError, match=r"unknown task\(s\) \['colours'\]"):
-        build(SHAPES, tasks={"colours": {"weight": 2.0}})
+        build(SHAPES, tasks={"colours": {"label_smoothing": 0.1}})
+    with pytest.raises(ConfigError, match=r"unknown task\(s\) \['colr'\]"):  # a typo, even when disabled
+        build(SHAPES, tasks={"colr": {"enabled": False}})
+    derive = {"round": {"source": "shape", "groups": {"yes": ["circle"], "no": ["square"]}}}
+    assert [t.name for t in build(SHAPES, derive=derive, tasks={"round": {"enabled": False}}).tasks] == [
+        "shape", "colour", "size", "position"]  # a derived task is known
+    with pytest.raises(ConfigError, match=r"data\.derive\.r\.source: no task 'colr'"):
+        build(SHAPES, derive={"r": derive["round"] | {"source": "colr"}}, tasks={"colr": {"enabled": False}})
     with pytest.raises(ConfigError, match="every task is disabled"):
         build(SHAPES, tasks={n: {"enabled": False} for n in ("shape", "colour", "size", "position")})
 
@@ -700,6 +824,22 @@ def test_decoded_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     assert len(cache_entries(tmp_path / "cache")) == 1
 
 
+def test_cache_rebuilds_broken_entry(tmp_path):
+    make_npz(tmp_path / "d")
+    source = {"name": "npz", "path": str(tmp_path / "d"), "tasks": ["label"]}
+    first = build(source)
+    (entry,) = (tmp_path / "cache").iterdir()
+    for damage in ("train_images.npy", "test_labels.npz", "meta.json"):
+        if damage == "train_images.npy":
+            (entry / damage).unlink()
+        else:
+            (entry / damage).write_bytes(b"garbage")
+        again = build(source)
+        np.testing.assert_array_equal(again.streams[0].test.images, first.streams[0].test.images)
+        np.testing.assert_array_equal(again.streams[0].train.labels["label"], first.streams[0].train.labels["label"])
+        assert cache_entries(tmp_path / "cache") == [entry.name] and (entry / "train_images.npy").is_file()
+
+
 def test_cache_disabled(tmp_path, monkeypatch):
     make_npz(tmp_path / "d")
     calls = []
@@ -732,8 +872,8 @@ def test_multi_input_streams(tmp_path):
     np.savez(root / "test-00.npz", images=id_images([1, 2], size=8), digit=np.array([1, 0], np.uint8))
     npz = {"name": "npz", "path": str(root), "tasks": ["digit"]}
     b = build(sources={"shapes": SHAPES, "digits": npz}, val_fraction=0.2)
-    assert b.multi_input and [s.name for s in b.streams] == ["shapes", "digits"]
-    assert [(t.name, t.group) for t in b.tasks][-1] == ("digit", "digits")
+    assert len(b.streams) == 2 and [s.name for s in b.streams] == ["shapes", "digits"]
+    assert b.tasks[-1].name == "digit"
     assert b.streams[1].tasks == ["digit"] and len(b.streams[1].val) == 2
 
     with pytest.raises(ConfigError, match="different image shapes"):

@@ -184,3 +184,44 @@ def test_api_load_and_predict(tiny_run, tmp_path):
     Image.fromarray(images[0]).save(f)
     assert run.predict([str(f)])[0]["position"][0][0] == preds[0]["position"][0][0]
     assert run.summary["best_epoch"] == summary["best_epoch"]
+
+
+def test_resume_without_checkpoint_and_stale_files_are_cleared(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint.pt there"):
+        Trainer(load_config(data=tiny_config()), tmp_path / "none", resume=True, quiet=True)
+    out = tmp_path / "stale"
+    (out / "tb").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"epoch": 5}\n')
+    train(load_config(data=tiny_config(train__epochs=1)), out, quiet=True)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0]
+
+
+def test_stale_single_task_baseline_is_refused(tmp_path):
+    cfg = tiny_config(train__epochs=1, baselines={"single_task": True})
+    cfg["tasks"] = {"colour": {"enabled": False}, "shape": {"enabled": False}, "size": {"enabled": False}}
+    train(load_config(data=cfg), tmp_path / "mtl", quiet=True)
+    cfg["train"]["epochs"] = 2
+    from mtlvision.training.baselines import train_single_task_baselines
+
+    with pytest.raises(mtlvision.MTLVisionError, match=r"different config \(train.epochs\)"):
+        train_single_task_baselines(load_config(data=cfg), tmp_path / "mtl", ["position"], True)
+
+
+def test_task_names_that_clash_with_module_attributes(tmp_path):
+    from mtlvision.config import ModelConfig
+    from mtlvision.models import build_model
+
+    tasks = [Task("type", ["a", "b"]), Task("train", ["a", "b", "c"])]
+    model = build_model(ModelConfig(backbone={"name": "smallcnn", "width": 4, "out_dim": 8}), tasks, (16, 16, 3))
+    assert set(model(torch.randn(2, 3, 16, 16)).logits) == {"type", "train"}
+
+
+def test_predict_rejects_float_arrays_and_bad_top_k(tiny_run):
+    run = mtlvision.load(tiny_run[0])
+    with pytest.raises(mtlvision.DataError, match="expected a uint8 array"):
+        run.predict([np.zeros((32, 32, 3), np.float32)])
+    with pytest.raises(mtlvision.DataError, match="top_k must be >= 1"):
+        run.predict([np.zeros((32, 32, 3), np.uint8)], top_k=0)
+    with pytest.raises(mtlvision.DataError, match="no such image file"):
+        run.predict(["/nonexistent.png"])

@@ -1,4 +1,4 @@
-"""`python -m mtlvision` (and `torchrun -m mtlvision`) entry point."""
+"""`python -m mtlvision` entry point."""
 import sys
 
 from .cli import main

@@ -46,14 +46,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .reports import print_results
-    from .training.trainer import train
+    from .training.trainer import default_out_dir, train
 
     resume = args.resume is not None
     if args.config is None and not resume:
         raise MTLVisionError("train: give a CONFIG.yaml (or --resume RUN_DIR)")
     config_path = args.config or Path(args.resume) / "config.yaml"
     cfg = load_config(config_path, args.set)
-    out = Path(args.resume) if resume else Path(args.out) if args.out else Path("runs") / cfg.name
+    out = Path(args.resume) if resume else Path(args.out) if args.out else default_out_dir(cfg)
     if args.out and resume and Path(args.out) != Path(args.resume):
         raise MTLVisionError("train: --out and --resume name different folders; give one")
     print_results(train(cfg, out, resume=resume, quiet=args.quiet))
@@ -62,8 +62,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Rebuild the test split from the run's config and score its best weights."""
     import contextlib
-
-    import torch
 
     from .data import build_data
     from .data.loader import TensorImages
@@ -77,7 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             a.classes != b.classes for a, b in zip(data.tasks, run.tasks)):
         raise MTLVisionError(f"{args.run_dir}: the data now gives tasks/classes that differ from the checkpoint")
     splits = [(TensorImages(getattr(s, args.split), run.device), s.tasks) for s in data.streams]
-    metrics, _ = evaluate(run.model, splits, run.tasks, run.normalize, run.config.data.eval_batch_size,
+    metrics = evaluate(run.model, splits, run.tasks, run.normalize, run.config.data.eval_batch_size,
                           contextlib.nullcontext)
     result = {"split": args.split, "best_epoch": run.best_epoch, "tasks": metrics}
     if args.json:
@@ -91,7 +89,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         table.add_row(name, str(m["count"]), pct("accuracy"), pct("top5"), pct("balanced_accuracy"),
                       f"{m.get('loss', float('nan')):.4f}")
     Console().print(table)
-    del torch
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -148,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mtlvision {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="train a 4-task model on built-in procedural shapes (offline, ~2 min on CPU)")
+    d = sub.add_parser("demo", help="train a 4-task model on built-in procedural shapes (offline, ~1 min on CPU)")
     d.add_argument("--out", help="run directory (default: runs/demo, runs/demo-2, ...)")
     d.add_argument("--epochs", type=int, help="override the number of epochs (default 8)")
     d.add_argument("--quiet", action="store_true", help="no progress output")

@@ -17,11 +17,18 @@ from .errors import ConfigError
 from .schema import parse, to_dict
 
 
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
 @dataclasses.dataclass
 class AugmentConfig:
     crop_padding: int = 4
     flip: bool = True  # applied only when every task allows horizontal flips
-    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.crop_padding >= 0, "data.augment.crop_padding", ">= 0", self.crop_padding)
 
 
 @dataclasses.dataclass
@@ -47,15 +54,26 @@ class DataConfig:
     cache: bool = True  # decode once into a uint8 .npy cache reused across runs
     cache_dir: Optional[str] = None  # default: $MTLVISION_CACHE or ~/.cache/mtlvision
     derive: dict[str, "DeriveConfig"] = dataclasses.field(default_factory=dict)
-    limit_train: Optional[int] = None  # use the first N training images (quick runs)
+    limit_train: Optional[int] = None  # a seeded random subset of N training images (quick runs)
     limit_test: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "data.val_fraction", "a value in (0, 1)", self.val_fraction)
+        _check(self.batch_size > 0, "data.batch_size", "> 0", self.batch_size)
+        _check(self.eval_batch_size > 0, "data.eval_batch_size", "> 0", self.eval_batch_size)
+        for key in ("limit_train", "limit_test"):
+            value = getattr(self, key)
+            _check(value is None or value > 0, f"data.{key}", "> 0 or null", value)
+        _check(self.source is not None or self.sources, "data.source", "a source mapping", self.source)
 
 
 @dataclasses.dataclass
 class TaskOverride:
     enabled: bool = True
     label_smoothing: float = 0.0
-    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.label_smoothing < 1, "tasks.*.label_smoothing", "in [0, 1)", self.label_smoothing)
 
 
 @dataclasses.dataclass
@@ -83,6 +101,16 @@ class TrainConfig:
     threads: Optional[int] = None
     deterministic: bool = True
     log_every: int = 20  # steps between progress/TensorBoard updates
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.momentum < 1, "train.momentum", "in [0, 1)", self.momentum)
+        _check(self.warmup_epochs >= 0, "train.warmup_epochs", ">= 0", self.warmup_epochs)
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "> 0 or null", self.grad_clip)
+        _check(self.threads is None or self.threads > 0, "train.threads", "> 0 or null", self.threads)
+        _check(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
 
 
 @dataclasses.dataclass
@@ -128,9 +156,11 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
-        if not isinstance(node.get(k, {}), dict):
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
             raise ConfigError(f"--set {dotted}: {k!r} is not a mapping")
-        node = node.setdefault(k, {})
+        node = node[k]
     node[keys[-1]] = value
 
 
@@ -147,7 +177,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+        set_path(data, key.strip(), value)
     return data
 
 
@@ -160,16 +194,44 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid YAML (or not UTF-8): {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
     if data is not None:
         raw = {**raw, **copy.deepcopy(data)}
     # defaults first, so `--set model.backbone.width=0.5` keeps the default backbone's name
     raw = apply_overrides(_merge(Config().to_dict(), raw), overrides or [])
-    return parse(Config, _expand(raw), "")
+    cfg = parse(Config, _expand(raw), "")
+    validate_components(cfg)
+    return cfg
+
+
+def validate_components(cfg: Config) -> None:
+    """Check every pluggable part's name and parameters now, before any data is decoded."""
+    from .balancing import METHODS
+    from .data.sources import SOURCES
+    from .models import ARCHITECTURES, BACKBONES, HEADS
+
+    parts = [(BACKBONES, "model.backbone", cfg.model.backbone, "name"),
+             (ARCHITECTURES, "model.architecture", cfg.model.architecture, "name"),
+             (HEADS, "model.head", cfg.model.head, "name"), (METHODS, "balancing", cfg.balancing, "method")]
+    sources = {"data.source": cfg.data.source} if not cfg.data.sources else {
+        f"data.sources.{k}": v for k, v in cfg.data.sources.items()}
+    parts += [(SOURCES, where, spec, "name") for where, spec in sources.items()]
+    for registry, where, spec, key in parts:
+        if key not in spec:
+            raise ConfigError(f"{where}.{key}: required key is missing; valid: {', '.join(registry.names())}")
+        registry.parse_params(spec[key], {k: v for k, v in spec.items() if k != key}, where)
+
+
+def as_config(config: "Config | dict[str, Any] | str | os.PathLike") -> Config:
+    """A Config from a Config, a config dict or a YAML path."""
+    if isinstance(config, Config):
+        validate_components(config)
+        return config
+    return load_config(data=config) if isinstance(config, dict) else load_config(config)
 
 
 def save_config(cfg: Config) -> str:

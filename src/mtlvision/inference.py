@@ -13,7 +13,7 @@ from .config import load_config
 from .data.decode import decode
 from .data.loader import Normalize
 from .data.sources.folder import IMAGE_EXTS
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .models import build_model
 from .tasks import Task
 from .training.trainer import load_checkpoint, resolve_device
@@ -37,16 +37,19 @@ class Run:
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
         self.path = Path(path)
-        if not (self.path / "best.pt").is_file():
-            raise DataError(f"{self.path}: not a run directory (no best.pt)")
+        if not (self.path / "best.pt").is_file() or not (self.path / "config.yaml").is_file():
+            raise CheckpointError(f"{self.path}: not a run directory (needs best.pt and config.yaml)")
         self.config = load_config(self.path / "config.yaml")
-        best = load_checkpoint(self.path / "best.pt")
+        best = load_checkpoint(self.path / "best.pt", ("model", "tasks", "input", "epoch"))
         self.tasks = [Task.from_dict(t) for t in best["tasks"]]
         self.input = best["input"]
         self.best_epoch = best["epoch"]
         self.device = resolve_device(device)
-        self.model = build_model(self.config.model, self.tasks, tuple(self.input["image_shape"]))
-        self.model.load_state_dict(best["model"])
+        self.model = build_model(self.config.model, self.tasks, tuple(self.input["image_shape"]), pretrained=False)
+        try:
+            self.model.load_state_dict(best["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path / 'best.pt'} does not match {self.path / 'config.yaml'}: {exc}") from None
         self.model.to(self.device).eval()
         self.normalize = Normalize(self.input["mean"], self.input["std"], self.device, channels_last=False)
 
@@ -60,9 +63,13 @@ class Run:
         arrays = []
         for i, im in enumerate(images):
             if isinstance(im, (str, os.PathLike)):
+                if not Path(im).is_file():
+                    raise DataError(f"{im}: no such image file")
                 arr = decode(Path(im).read_bytes(), h, c, str(im))
             else:
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = np.asarray(im)
+                if arr.dtype != np.uint8:
+                    raise DataError(f"image {i}: expected a uint8 array (0..255), got {arr.dtype}")
                 if arr.ndim == 2:
                     arr = arr[..., None]
                 if arr.shape[-1] != c and c == 3 and arr.shape[-1] == 1:
@@ -75,6 +82,8 @@ class Run:
     @torch.no_grad()
     def predict(self, images: Sequence[Any], top_k: int = 1, batch_size: int = 256) -> list[dict[str, list]]:
         """For each image (file path or HxWxC uint8 array): {task: [(class, probability), ...top_k]}."""
+        if top_k < 1:
+            raise DataError(f"top_k must be >= 1, got {top_k}")
         results: list[dict[str, list]] = []
         for s in range(0, len(images), batch_size):
             x = self.normalize(self._prepare(images[s:s + batch_size]))

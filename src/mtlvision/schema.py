@@ -37,12 +37,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
     if origin in (Union, types.UnionType):
-        errors = []
+        matching = []  # branches of the value's own container kind: their error is the useful one
         for arg in typing.get_args(tp):
             try:
                 return _coerce(arg, value, where)
             except ConfigError as exc:
-                errors.append(exc)
+                kind = typing.get_origin(arg) or arg
+                if (isinstance(value, dict) and (kind is dict or dataclasses.is_dataclass(kind))) or (
+                        isinstance(value, list) and kind in (list, tuple)):
+                    matching.append(exc)
+        if len(matching) == 1:
+            raise matching[0]
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:

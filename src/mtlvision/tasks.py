@@ -17,18 +17,21 @@ class Task:
     """Name, class names and loss settings of one task.
 
     `kind` is "binary" for two-class attributes (reported with balanced accuracy too) and
-    "multiclass" otherwise. `flip_ok` says whether a horizontal flip keeps the label valid.
+    "multiclass" otherwise. `flip_ok` says whether a horizontal flip keeps the label valid. Fixed
+    task weights belong to the balancing method (`balancing: {method: fixed, weights: ...}`).
     """
 
     name: str
     classes: list[str]
     kind: Literal["multiclass", "binary"] = "multiclass"
     label_smoothing: float = 0.0
-    weight: float = 1.0
     flip_ok: bool = True
-    group: str = ""  # multi-input: which input stream feeds this task
 
     def __post_init__(self) -> None:
+        if not self.name or "." in self.name:
+            raise DataError(f"task name {self.name!r}: must be non-empty and contain no '.'")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise DataError(f"task {self.name!r}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if len(self.classes) < 2:
             raise DataError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
         if len(self.classes) == 2 and self.kind == "multiclass":
@@ -47,12 +50,12 @@ class Task:
         return names
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`weight` x mean cross-entropy over labelled samples (label -1 is ignored; 0 if none is)."""
+        """Mean cross-entropy over labelled samples (label -1 is ignored; 0 if none is labelled)."""
         labelled = labels != MISSING
         ce = F.cross_entropy(logits.float(), labels, ignore_index=MISSING,
                              label_smoothing=self.label_smoothing, reduction="sum")
         # dividing by max(count, 1) keeps the graph (and a 0 loss) for an all-missing batch
-        return self.weight * ce / labelled.sum().clamp(min=1)
+        return ce / labelled.sum().clamp(min=1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -30,16 +30,14 @@ class ImageSet:
         return ImageSet(np.ascontiguousarray(self.images[idx]), {k: v[idx] for k, v in self.labels.items()})
 
 
-def check_labels(labels: np.ndarray, num_classes: int, task: str, where: str,
-                 rows: list[str] | None = None) -> np.ndarray:
+def check_labels(labels: np.ndarray, num_classes: int, task: str, where: str) -> np.ndarray:
     """Return labels as int64, raising on values outside -1..num_classes-1 (names the first bad row)."""
     labels = np.asarray(labels).astype(np.int64)
     bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
     if len(bad):
         i = int(bad[0])
-        row = rows[i] if rows else f"row {i}"
         raise DataError(
-            f"{where}: task {task!r} label {int(labels[i])} at {row} is out of range; expected 0..{num_classes - 1}"
+            f"{where}: task {task!r} label {int(labels[i])} at row {i} is out of range; expected 0..{num_classes - 1}"
             f" or -1 for missing ({len(bad)} bad value(s))"
         )
     return labels

@@ -39,25 +39,26 @@ class DataBundle:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.streams[0].train.images.shape[1:])  # type: ignore[return-value]
 
-    @property
-    def multi_input(self) -> bool:
-        return len(self.streams) > 1
-
     def task(self, name: str) -> Task:
         return next(t for t in self.tasks if t.name == name)
 
 
 def _derive(data: SourceData, name: str, spec: DeriveConfig) -> None:
-    src = next((t for t in data.tasks if t.name == spec.source), None)
-    if src is None:
-        raise ConfigError(f"data.derive.{name}.source: no task {spec.source!r} "
-                          f"(tasks: {[t.name for t in data.tasks]})")
+    if name in [t.name for t in data.tasks]:
+        raise ConfigError(f"data.derive.{name}: the source already has a task named {name!r}; "
+                          "give the derived task another name")
+    src = next(t for t in data.tasks if t.name == spec.source)
     mapping = np.full(src.num_classes + 1, MISSING, np.int64)  # last slot maps MISSING -> MISSING
+    owner: dict[str, str] = {}  # class -> the group that lists it
     for gi, (group, members) in enumerate(spec.groups.items()):
         for m in members:
             if m not in src.classes:
                 raise ConfigError(f"data.derive.{name}.groups.{group}: {m!r} is not a class of "
                                   f"{spec.source!r} (classes: {src.classes})")
+            if m in owner:
+                raise ConfigError(f"data.derive.{name}.groups: class {m!r} is in both {owner[m]!r} and "
+                                  f"{group!r}; expected each class in at most one group")
+            owner[m] = group
             mapping[src.classes.index(m)] = gi
     data.tasks.append(Task(name, list(spec.groups), flip_ok=spec.flip_ok and src.flip_ok))
     for split in (data.train, data.val, data.test):
@@ -102,6 +103,7 @@ def build_data(cfg: Config) -> DataBundle:
     tasks: list[Task] = []
     streams: list[Stream] = []
     skipped: list[str] = []
+    known: set[str] = set()  # every task of every source, derived and disabled ones included
     for stream_name, (where, spec) in specs.items():
         data = _load(spec, where, cfg)
         for name, dspec in d.derive.items():
@@ -111,11 +113,11 @@ def build_data(cfg: Config) -> DataBundle:
         clash = sorted(set(names) & {t.name for t in tasks})
         if clash:
             raise ConfigError(f"{where}: task name(s) {clash} already come from another source")
+        known.update(names)
         for t in data.tasks:
             o = cfg.tasks.get(t.name)
             if o is not None:
-                t.label_smoothing, t.weight = o.label_smoothing, o.weight
-            t.group = stream_name
+                t.label_smoothing = o.label_smoothing
         active = [t for t in data.tasks if cfg.tasks.get(t.name) is None or cfg.tasks[t.name].enabled]
         if not active:
             continue
@@ -132,13 +134,10 @@ def build_data(cfg: Config) -> DataBundle:
                               flip=all(t.flip_ok for t in active)))
         tasks.extend(active)
         skipped.extend(data.skipped)
-    provided = {n for s in streams for n in s.tasks} | set(cfg.tasks)
     for name, dspec in d.derive.items():
-        if dspec.source not in provided:
-            raise ConfigError(f"data.derive.{name}.source: no task {dspec.source!r} "
-                              f"(tasks: {sorted(t.name for t in tasks)})")
-    known = {t.name for t in tasks} | {n for n, o in cfg.tasks.items() if not o.enabled}
-    unknown = sorted(set(cfg.tasks) - known - set(d.derive))
+        if dspec.source not in known:
+            raise ConfigError(f"data.derive.{name}.source: no task {dspec.source!r} (tasks: {sorted(known)})")
+    unknown = sorted(set(cfg.tasks) - known)
     if unknown:
         raise ConfigError(f"tasks: unknown task(s) {unknown}; the data provides {sorted(known)}")
     if not tasks:

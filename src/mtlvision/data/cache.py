@@ -2,7 +2,7 @@
 
 The key hashes the source's parameters, its input files' sizes and mtimes, and the image spec, so a
 changed file or option builds a new entry. Entries are written to a temp folder and renamed, so a
-killed build never leaves a half-written cache.
+killed build never leaves a half-written cache; an entry damaged later is deleted and built again.
 """
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def load_source(name: str, source: Source, image_size: Optional[int], channels: 
     if cache_root is None or not source.cacheable:
         return _adapt(source.load(), image_size, channels)
     entry = Path(cache_root) / f"{name}-{cache_key(name, source, image_size, channels)}"
-    if not (entry / "meta.json").is_file():
-        _write(entry, _adapt(source.load(), image_size, channels))
+    try:
+        return _read(entry)
+    except Exception:  # no entry yet, or a broken one (missing or corrupt file): build it afresh
+        shutil.rmtree(entry, ignore_errors=True)
+    _write(entry, _adapt(source.load(), image_size, channels))
     return _read(entry)

@@ -30,6 +30,13 @@ def decode(data: bytes, size: Optional[int], channels: int, where: str) -> np.nd
     return arr.reshape(arr.shape[0], arr.shape[1], channels)
 
 
+def _read(name: str, read: Callable[[], bytes]) -> bytes:
+    try:
+        return read()
+    except OSError as exc:  # permissions, I/O errors, a file removed after listing
+        raise DataError(f"{name}: cannot read file ({type(exc).__name__}: {exc})") from None
+
+
 def decode_all(items: Iterable[tuple[str, Callable[[], bytes]]], size: Optional[int], channels: int,
                skip_corrupt: bool, skipped: list[str]) -> tuple[np.ndarray, list[int]]:
     """Decode (name, read_bytes) items; returns stacked images and the indices that were kept.
@@ -41,17 +48,17 @@ def decode_all(items: Iterable[tuple[str, Callable[[], bytes]]], size: Optional[
         raise DataError(f"data.source.channels must be 1 or 3, got {channels}")
     items = list(items)
 
-    def one(i: int):
+    def one(i: int) -> Optional[np.ndarray]:
         name, read = items[i]
         try:
-            return decode(read(), size, channels, name)
+            return decode(_read(name, read), size, channels, name)
         except DataError:
             if skip_corrupt:
                 return None
             raise
 
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(one, range(len(items)), chunksize=256))
+        arrays = list(pool.map(one, range(len(items))))
     kept = [i for i, a in enumerate(arrays) if a is not None]
     skipped.extend(items[i][0] for i, a in enumerate(arrays) if a is None)
     if not kept:

@@ -1,8 +1,9 @@
 """Batches straight from uint8 tensors: seeded per-epoch order, augmentation on whole batches.
 
 No Dataset/DataLoader and no per-sample Python: a batch is one index_select on the uint8 cache,
-then pad + random crop + flip as tensor ops, then normalisation. Every random draw is derived from
-(seed, epoch, step), so a resumed run sees exactly the batches an uninterrupted one would.
+then one gather that pads, crops and flips, then normalisation. Every random draw comes from
+generators seeded with (seed, stream, epoch), so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -49,22 +50,21 @@ class BatchAugment:
 
     def draw(self, n: int, g: torch.Generator) -> torch.Tensor:
         """(n, 3) int64: crop offset y, crop offset x, flip flag per sample."""
-        span = 2 * self.pad + 1
-        offsets = torch.randint(0, span, (n, 2), generator=g)
-        flips = (torch.rand(n, generator=g) < 0.5).long()[:, None] if self.flip else torch.zeros(n, 1, dtype=torch.long)
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+        flips = (torch.rand(n, generator=g) < 0.5).long()[:, None] if self.flip else offsets.new_zeros(n, 1)
         return torch.cat([offsets, flips], 1)
 
     def __call__(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """One gather does crop and flip: output pixel (i, j) reads padded (dy + i, dx + j or its mirror)."""
         b, h, w, _ = x.shape
-        if self.pad > 0:
-            p = self.pad
-            padded = torch.nn.functional.pad(x, (0, 0, p, p, p, p))
-            rows = (params[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]
-            cols = (params[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]
-            x = padded[torch.arange(b, device=x.device)[:, None, None], rows, cols]
-        if self.flip:
-            x = torch.where(params[:, 2, None, None, None].bool(), x.flip(2), x)
-        return x
+        p = self.pad
+        if p > 0:
+            x = torch.nn.functional.pad(x, (0, 0, p, p, p, p))
+        ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        cols = torch.where(params[:, 2, None].bool(), w - 1 - ar_w, ar_w) if self.flip else ar_w.expand(b, w)
+        rows = (params[:, 0, None] + ar_h)[:, :, None]
+        cols = (params[:, 1, None] + cols)[:, None, :]
+        return x[torch.arange(b, device=x.device)[:, None, None], rows, cols]
 
 
 class Normalize:

@@ -16,7 +16,7 @@ from .metrics import TaskMeter
 def evaluate(model: nn.Module, splits: list[tuple[TensorImages, list[str]]], tasks: list[Task],
              normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             ) -> tuple[dict[str, dict[str, float]], dict[str, TaskMeter]]:
+             ) -> dict[str, dict[str, float]]:
     """Per-task metrics (loss, accuracy, ...) over `splits`: (images, task names they label)."""
     was_training = model.training
     model.eval()
@@ -30,4 +30,4 @@ def evaluate(model: nn.Module, splits: list[tuple[TensorImages, list[str]]], tas
                 logits = out.logits[name].float()
                 meters[name].update(logits, y[name], by_name[name].loss(logits, y[name]))
     model.train(was_training)
-    return {name: m.compute() for name, m in meters.items()}, meters
+    return {name: m.compute() for name, m in meters.items()}

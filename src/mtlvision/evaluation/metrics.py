@@ -35,16 +35,12 @@ class TaskMeter:
         if n == 0:
             return out
         out["loss"] = self.loss_sum.item() / n
+        names = self.task.metric_names()
         out["accuracy"] = cm.diag().sum().item() / n
-        if self.task.num_classes >= 10:
+        if "top5" in names:
             out["top5"] = self.top5.item() / n
-        if self.task.kind == "binary":
+        if "balanced_accuracy" in names:
             support = cm.sum(1)
             recall = cm.diag()[support > 0] / support[support > 0]
             out["balanced_accuracy"] = recall.mean().item()
         return out
-
-    def per_class_accuracy(self) -> list[float | None]:
-        cm = self.confusion.double().cpu()
-        support = cm.sum(1)
-        return [(cm[i, i] / support[i]).item() if support[i] > 0 else None for i in range(len(cm))]

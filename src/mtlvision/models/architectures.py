@@ -27,7 +27,13 @@ class ModelOutput:
 
 
 class Architecture(nn.Module):
-    """Base: a backbone plus task-specific modules; `shared_parameters()` are the trunk's."""
+    """Base: a backbone plus task-specific modules; `shared_parameters()` are the trunk's.
+
+    Heads live in a ModuleList in task order (task names such as "type" or "train" would clash
+    with nn.ModuleDict's own attributes).
+    """
+
+    no_weight_decay: frozenset[str] = frozenset()  # parameter names the optimiser must not decay
 
     def __init__(self, backbone: Backbone, tasks: list[Task]) -> None:
         super().__init__()
@@ -55,10 +61,10 @@ class HardSharing(Architecture):
 
     def __init__(self, backbone: Backbone, tasks: list[Task], head: dict) -> None:
         super().__init__(backbone, tasks)
-        self.heads = nn.ModuleDict({t.name: build_head(head, backbone.out_dim, t.num_classes) for t in tasks})
+        self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
 
     def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(shared) for name, head in self.heads.items()}
+        return {name: head(shared) for name, head in zip(self.task_names, self.heads)}
 
 
 @dataclasses.dataclass
@@ -83,6 +89,8 @@ class TaskFeatures(Architecture):
     how much each task borrows from the others; beta starts at zero (uniform mixing).
     """
 
+    no_weight_decay = frozenset({"beta"})
+
     def __init__(self, p: TaskFeaturesParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
         super().__init__(backbone, tasks)
         t, d, dim = len(tasks), p.feature_dim, backbone.out_dim
@@ -100,7 +108,7 @@ class TaskFeatures(Architecture):
         self.out = nn.Linear(d, d, bias=False)
         nn.init.zeros_(self.out.weight)
         self.scale = 1 / math.sqrt(d)
-        self.heads = nn.ModuleDict({task.name: build_head(head, d, task.num_classes) for task in tasks})
+        self.heads = nn.ModuleList([build_head(head, d, task.num_classes) for task in tasks])
 
     def mixing(self, z: torch.Tensor) -> torch.Tensor:
         """Sharing weights a (B, T, T): row t says how much task t reads from each task."""
@@ -112,4 +120,4 @@ class TaskFeatures(Architecture):
     def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
         z = torch.relu(self.norm(torch.einsum("bD,tdD->btd", shared, self.proj_weight) + self.proj_bias))
         u = z + self.out(self.mixing(z) @ self.value(z))
-        return {name: head(u[:, i]) for i, (name, head) in enumerate(self.heads.items())}
+        return {name: head(u[:, i]) for i, (name, head) in enumerate(zip(self.task_names, self.heads))}

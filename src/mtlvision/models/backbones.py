@@ -1,7 +1,7 @@
 """Backbones: shared trunks mapping images (B,C,H,W) to a feature vector (B, out_dim).
 
-Every backbone exposes `stem` and `stages` (a ModuleList) plus `pool`, so architectures that act
-between stages are written once for all backbones.
+Every backbone has the same shape, `stem` -> `stages` (a ModuleList) -> `pool`, so an architecture
+that needs to act between stages can be written once for all backbones.
 """
 from __future__ import annotations
 

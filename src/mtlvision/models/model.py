@@ -5,19 +5,20 @@ from ..config import ModelConfig
 from ..tasks import Task
 from .architectures import ARCHITECTURES, Architecture
 from .backbones import build_backbone
-from .heads import HEADS
-
-MultiTaskModel = Architecture
 
 
-def build_model(cfg: ModelConfig, tasks: list[Task], image_shape: tuple[int, int, int]) -> Architecture:
-    """Build the network for `tasks` on images of shape (H, W, C)."""
+def build_model(cfg: ModelConfig, tasks: list[Task], image_shape: tuple[int, int, int],
+                pretrained: bool = True) -> Architecture:
+    """Build the network for `tasks` on images of shape (H, W, C).
+
+    `pretrained=False` skips downloading backbone weights (the caller loads a state dict anyway).
+    """
     h, _, c = image_shape
-    backbone = build_backbone(cfg.backbone, in_channels=c, image_size=h)
+    backbone_spec = dict(cfg.backbone)
+    if not pretrained:
+        backbone_spec.pop("pretrained", None)
+    backbone = build_backbone(backbone_spec, in_channels=c, image_size=h)
     spec = dict(cfg.architecture)
     name = spec.pop("name", "task-features")
     params = ARCHITECTURES.parse_params(name, spec, "model.architecture")
-    head = dict(cfg.head)
-    head_name = head.get("name", "linear")
-    HEADS.parse_params(head_name, {k: v for k, v in head.items() if k != "name"}, "model.head")
-    return ARCHITECTURES.build(name, params, backbone, tasks, head)
+    return ARCHITECTURES.build(name, params, backbone, tasks, dict(cfg.head))

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, TaskOverride
-from ..errors import MTLVisionError
+from ..config import Config, TaskOverride, load_config
+from ..errors import ConfigError, MTLVisionError
 from ..evaluation.delta_m import delta_m
 from ..storage import write_json
 
@@ -25,18 +25,35 @@ def single_task_config(cfg: Config, task: str, all_tasks: list[str]) -> Config:
     return stl
 
 
+def check_baseline_runs(cfg: Config) -> None:
+    """`baselines.runs` must name finished runs before any training starts."""
+    for task, run in cfg.baselines.runs.items():
+        if not (Path(run) / "summary.json").is_file():
+            raise ConfigError(f"baselines.runs.{task}: {Path(run) / 'summary.json'} does not exist "
+                              "(give a finished single-task run directory)")
+
+
 def train_single_task_baselines(cfg: Config, out: Path, tasks: list[str], quiet: bool) -> dict[str, str]:
-    """Train (or skip, when finished; resume, when interrupted) one STL run per task under out/stl/."""
-    from .trainer import Trainer
+    """Train (or skip, when finished; resume, when interrupted) one STL run per task under out/stl/.
+
+    A finished baseline is reused only if it was trained with exactly the config this run implies.
+    """
+    from .trainer import Trainer, config_differences
 
     dirs = {}
     for task in tasks:
         run_dir = out / "stl" / task
         dirs[task] = str(run_dir)
+        stl_cfg = single_task_config(cfg, task, tasks)
+        if (run_dir / "config.yaml").is_file():
+            diff = config_differences(load_config(run_dir / "config.yaml").to_dict(), stl_cfg.to_dict())
+            if diff:
+                raise MTLVisionError(f"{run_dir} holds a single-task run with a different config "
+                                     f"({', '.join(diff[:8])}); remove it to retrain the baseline")
         if (run_dir / "summary.json").is_file():
             continue
         resume = (run_dir / "checkpoint.pt").is_file()
-        Trainer(single_task_config(cfg, task, tasks), run_dir, resume=resume, quiet=quiet).fit()
+        Trainer(stl_cfg, run_dir, resume=resume, quiet=quiet).fit()
     return dirs
 
 

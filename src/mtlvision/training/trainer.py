@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,24 +14,37 @@ import numpy as np
 import torch
 
 from ..balancing import StepContext, build_balancer
-from ..config import Config, load_config, save_config
+from ..config import Config, as_config, save_config
 from ..data import build_data
 from ..data.loader import BatchAugment, Normalize, TensorImages, TrainLoader
-from ..errors import CheckpointError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation.evaluate import evaluate
 from ..models import build_model
 from ..storage import save_torch, write_json, write_text
 from .optim import build_optimizer, build_scheduler
 from .progress import ProgressReporter
 
-# Config sections that may change when resuming (they do not alter what is computed).
+# Config keys that may change when resuming (they do not alter what is computed).
 RESUMABLE_CHANGES = {"name", "train.log_every", "train.device", "train.threads", "train.compile"}
+CHECKPOINT_KEYS = ("epoch", "wall_time_s", "best", "config", "tasks", "input", "model", "optimizer",
+                   "scheduler", "balancer", "balancer_extra", "rng")
+
+Metrics = dict[str, dict[str, float]]
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' (a GPU when there is one), 'cpu', 'cuda' or 'cuda:N'; anything else is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} asked for, but no CUDA GPU is available (use auto or cpu)")
+    return device
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -43,35 +57,46 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(a: dict, b: dict) -> list[str]:
+    """Flattened keys whose values differ, ignoring the keys a resume may change."""
     fa, fb = _flatten(a), _flatten(b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and k not in RESUMABLE_CHANGES)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """torch.load with weights_only=True; a missing, unreadable or incomplete file is a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not an mtlvision checkpoint (missing {', '.join(missing)})")
+    return ckpt
 
 
 class Trainer:
     """Trains one multi-task model into `out_dir` (or resumes the run found there)."""
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: bool = False) -> None:
-        self.cfg, self.out = cfg, Path(out_dir)
-        self.resume = resume
+        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
+        if resume and not (self.out / "checkpoint.pt").is_file():
+            raise CheckpointError(f"--resume {self.out}: no checkpoint.pt there")
+        if not resume and (self.out / "checkpoint.pt").exists():
+            raise CheckpointError(f"{self.out} already holds a run; use --resume {self.out} or another --out")
         tc = cfg.train
+        self.device = resolve_device(tc.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
-        self.device = resolve_device(tc.device)
         self.amp_dtype = torch.bfloat16 if (tc.precision == "bf16" or (
             tc.precision == "auto" and self.device.type == "cuda")) else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not tc.deterministic
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.deterministic = tc.deterministic
+            tf32 = tc.precision != "fp32"  # fp32 means fp32: no TF32 matmuls/convolutions
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         torch.manual_seed(cfg.seed)
         self.data = build_data(cfg)
         self.tasks = self.data.tasks
@@ -82,12 +107,13 @@ class Trainer:
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.normalize = Normalize(self.data.mean, self.data.std, self.device, tc.channels_last)
         d = cfg.data
-        self.train_sets = [TensorImages(s.train, self.device) for s in self.data.streams]
         self.val_sets = [(TensorImages(s.val, self.device), s.tasks) for s in self.data.streams]
         self.test_sets = [(TensorImages(s.test, self.device), s.tasks) for s in self.data.streams]
-        self.loaders = [TrainLoader(t, d.batch_size, cfg.seed, i, BatchAugment(
-            d.augment.crop_padding, d.augment.flip and s.flip)) for i, (t, s) in
-            enumerate(zip(self.train_sets, self.data.streams))]
+        self.loaders = []
+        for i, s in enumerate(self.data.streams):
+            flip = d.augment.flip and s.flip
+            augment = BatchAugment(d.augment.crop_padding, flip) if (flip or d.augment.crop_padding) else None
+            self.loaders.append(TrainLoader(TensorImages(s.train, self.device), d.batch_size, cfg.seed, i, augment))
         self.steps = max(ld.natural_steps for ld in self.loaders)
         self._shared_params = self.model.shared_parameters()
         self._task_params = self.model.task_parameters()
@@ -96,7 +122,7 @@ class Trainer:
         self.progress = ProgressReporter(tc.epochs, self.steps, enabled=not quiet)
         self.start_epoch, self.wall_before = 0, 0.0
         self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
-        self._tb = None
+        self._tb: Any = None
 
     # -- state -----------------------------------------------------------------------------------
     def input_spec(self) -> dict[str, Any]:
@@ -114,17 +140,17 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        ckpt = load_checkpoint(self.out / "checkpoint.pt")
+        path = self.out / "checkpoint.pt"
+        ckpt = load_checkpoint(path, CHECKPOINT_KEYS)
         diff = config_differences(ckpt["config"], self.cfg.to_dict())
         if diff:
-            raise CheckpointError(f"{self.out / 'checkpoint.pt'} does not match the config; differing keys: "
-                                  f"{', '.join(diff[:12])}")
+            raise CheckpointError(f"{path} does not match the config; differing keys: {', '.join(diff[:12])}")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.balancer.load_state_dict(ckpt["balancer"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{self.out / 'checkpoint.pt'} does not match the model: {exc}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path} does not match the model: {exc}") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.balancer.load_extra_state(ckpt["balancer_extra"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -132,11 +158,22 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.start_epoch, self.wall_before, self.best = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["best"]
         log = self.out / "metrics.jsonl"
-        if log.exists():  # drop lines written after the checkpoint (a crash between the two writes)
-            lines = [ln for ln in log.read_text().splitlines() if ln.strip()
-                     and json.loads(ln).get("epoch", -1) <= ckpt["epoch"]]
-            write_text(log, "".join(ln + "\n" for ln in lines))
+        if log.exists():  # keep lines up to the checkpoint (a crash can leave a later or a torn line)
+            kept = []
+            for line in log.read_text().splitlines():
+                try:
+                    if json.loads(line)["epoch"] <= ckpt["epoch"]:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    continue
+            write_text(log, "".join(x + "\n" for x in kept))
         self.progress.message(f"resumed {self.out} after epoch {ckpt['epoch'] + 1}")
+
+    def _clear_stale(self) -> None:
+        """A fresh run in a folder whose earlier attempt died before its first checkpoint."""
+        for name in ("metrics.jsonl", "best.pt", "summary.json"):
+            (self.out / name).unlink(missing_ok=True)
+        shutil.rmtree(self.out / "tb", ignore_errors=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -144,23 +181,25 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @property
-    def tb(self):
+    def tb(self) -> Any:
+        """TensorBoard SummaryWriter, created on first use (its import is slow)."""
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow import
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.out / "tb"))
         return self._tb
 
-    # -- loop ------------------------------------------------------------------------------------
+    # -- one step --------------------------------------------------------------------------------
     def next_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, slice]]:
-        """One augmented, normalised batch per stream, concatenated; `rows` says each task's slice."""
+        """One augmented batch per stream, concatenated and normalised; `rows` is each task's slice."""
         xs, labels, rows, start = [], {}, {}, 0
         for loader, stream in zip(self.loaders, self.data.streams):
             x, y = loader.batch(epoch, step, self.steps)
-            xs.append(self.normalize(x))
+            xs.append(x)
             for name in stream.tasks:
                 labels[name], rows[name] = y[name], slice(start, start + len(x))
             start += len(x)
-        return (xs[0] if len(xs) == 1 else torch.cat(xs)), labels, rows
+        return self.normalize(xs[0] if len(xs) == 1 else torch.cat(xs)), labels, rows
 
     def step_on(self, x: torch.Tensor, labels: dict[str, torch.Tensor], rows: dict[str, slice], epoch: int,
                 step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
@@ -185,46 +224,47 @@ class Trainer:
         losses, logits, weights = self.step_on(x, labels, rows, epoch, step)
         return losses, logits, labels, weights, len(x)
 
-    def _train_epoch(self, epoch: int) -> tuple[dict[str, dict[str, float]], float]:
+    # -- loop ------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> tuple[Metrics, float]:
         self.model.train()
         names = [t.name for t in self.tasks]
-        sums = torch.zeros(3, len(names), dtype=torch.float64, device=self.device)  # loss, correct, count
-        # step at which each task's loss first became NaN/inf (-1: never); tracked without a sync
-        self._first_bad = torch.full((len(names),), -1, dtype=torch.long, device=self.device)
+        # running (loss sum, correct, labelled count) per task, and the step at which each task's
+        # loss first became NaN/inf (-1: never): all on the device, read only at log points
+        sums = torch.zeros(3, len(names), dtype=torch.float64, device=self.device)
+        first_bad = torch.full((len(names),), -1, dtype=torch.long, device=self.device)
         log_every = max(1, self.cfg.train.log_every)
         self.progress.start_epoch(epoch)
         t0, seen = time.perf_counter(), 0
+        stats: Metrics = {}
         for step in range(self.steps):
             losses, logits, labels, weights, n = self.train_step(epoch, step)
             with torch.no_grad():
-                bad = ~torch.isfinite(torch.stack([losses[n].detach() for n in names]))
-                self._first_bad = torch.where((self._first_bad < 0) & bad, step, self._first_bad)
-                for i, name in enumerate(names):
-                    mask = labels[name] >= 0  # no boolean indexing here: it would sync with the GPU
-                    cnt = mask.sum()
-                    sums[0, i] += losses[name].detach().double() * cnt
-                    sums[1, i] += ((logits[name].argmax(1) == labels[name]) & mask).sum()
-                    sums[2, i] += cnt
+                loss = torch.stack([losses[k].detach() for k in names]).double()
+                mask = torch.stack([labels[k] >= 0 for k in names])  # (T, B): no boolean indexing (a sync)
+                correct = torch.stack([logits[k].argmax(1) == labels[k] for k in names]) & mask
+                count = mask.sum(1)
+                sums += torch.stack([loss * count, correct.sum(1), count])
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             seen += n
             if (step + 1) % log_every == 0 or step + 1 == self.steps:
-                stats = self._check(sums, names, epoch, step)
-                rate = seen / (time.perf_counter() - t0)
-                self.progress.update(epoch, step + 1, stats, rate)
+                stats = self._read(sums, first_bad, names, epoch)
+                self.progress.update(epoch, step + 1, stats, seen / (time.perf_counter() - t0))
                 gstep = epoch * self.steps + step + 1
                 for name in names:
                     self.tb.add_scalar(f"train_loss/{name}", stats[name]["loss"], gstep)
                     self.tb.add_scalar(f"task_weight/{name}", weights[name], gstep)
                 self.tb.add_scalar("lr", self.optimizer.param_groups[0]["lr"], gstep)
-        return self._check(sums, names, epoch, self.steps - 1), seen / (time.perf_counter() - t0)
+        return stats, seen / (time.perf_counter() - t0)
 
-    def _check(self, sums: torch.Tensor, names: list[str], epoch: int, step: int) -> dict[str, dict[str, float]]:
-        first = self._first_bad.cpu()
+    def _read(self, sums: torch.Tensor, first_bad: torch.Tensor, names: list[str], epoch: int) -> Metrics:
+        """Per-task running loss/accuracy; raises TrainingDiverged naming the first non-finite task."""
+        first = first_bad.cpu()
         if (first >= 0).any():
             at = int(first[first >= 0].min())
             culprits = [n for i, n in enumerate(names) if first[i] == at]
+            also = f" (with {', '.join(culprits[1:])})" if len(culprits) > 1 else ""
             raise TrainingDiverged(
-                f"task {culprits[0]!r}: loss became NaN/inf in epoch {epoch + 1} at step {at + 1}"
-                f"{' (with ' + ', '.join(culprits[1:]) + ')' if len(culprits) > 1 else ''}; stopped. "
+                f"task {culprits[0]!r}: loss became NaN/inf in epoch {epoch + 1} at step {at + 1}{also}; stopped. "
                 f"The last good checkpoint is kept at {self.out / 'checkpoint.pt'} "
                 "(try a lower train.lr or train.grad_clip)")
         s = sums.cpu()
@@ -232,59 +272,65 @@ class Trainer:
         return {n: {"loss": (s[0, i] / cnt[i]).item(), "accuracy": (s[1, i] / cnt[i]).item()}
                 for i, n in enumerate(names)}
 
-    def _evaluate(self, splits) -> dict[str, dict[str, float]]:
+    def _evaluate(self, splits: list[tuple[TensorImages, list[str]]]) -> Metrics:
         return evaluate(self.model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
-                        self.autocast)[0]
+                        self.autocast)
 
-    def _score(self, metrics: dict[str, dict[str, float]]) -> float:
+    @staticmethod
+    def _score(metrics: Metrics) -> float:
         """Model selection score: mean validation accuracy over tasks."""
         return float(np.mean([m.get("accuracy", 0.0) for m in metrics.values()]))
 
     def fit(self) -> dict[str, Any]:
+        """Train every remaining epoch, then score the best epoch's weights; returns the summary."""
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             self._restore()
-        elif (self.out / "checkpoint.pt").exists():
-            raise CheckpointError(f"{self.out} already holds a run; use --resume {self.out} or another --out")
+        else:
+            self._clear_stale()
         write_text(self.out / "config.yaml", save_config(self.cfg))
         n_params = sum(p.numel() for p in self.model.parameters())
+        streams = self.data.streams
         self.progress.message(
             f"{len(self.tasks)} task(s) {[t.name for t in self.tasks]}  |  {n_params / 1e6:.2f}M parameters  |  "
-            f"{sum(len(s.train) for s in self.data.streams)} train / {sum(len(s.val) for s in self.data.streams)} val"
-            f" / {sum(len(s.test) for s in self.data.streams)} test images  |  device {self.device}")
+            f"{sum(len(s.train) for s in streams)} train / {sum(len(s.val) for s in streams)} val / "
+            f"{sum(len(s.test) for s in streams)} test images  |  device {self.device}")
         t_start = time.perf_counter()
         rates = []
-        for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            train_stats, rate = self._train_epoch(epoch)
-            rates.append(rate)
-            self.balancer.epoch_end(epoch, {n: s["loss"] for n, s in train_stats.items()})
-            val = self._evaluate(self.val_sets)
-            score = self._score(val)
-            is_best = score > self.best["score"]
-            wall = self.wall_before + time.perf_counter() - t_start
-            if is_best:
-                self.best = {"epoch": epoch, "score": score}
-                save_torch(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch,
-                                                  "tasks": [t.to_dict() for t in self.tasks],
-                                                  "input": self.input_spec(), "config": self.cfg.to_dict()})
-            line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
-                    "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
-                    "train": train_stats, "val": val}
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(line) + "\n")
-            for n, m in val.items():
-                for k, v in m.items():
-                    if k != "count":
-                        self.tb.add_scalar(f"val_{k}/{n}", v, (epoch + 1) * self.steps)
-            save_torch(self.out / "checkpoint.pt", self._state(epoch, wall))
-            self.progress.end_epoch(epoch, train_stats, val, rate, is_best)
-        if self._tb is not None:
-            self._tb.flush()
+        try:
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                train_stats, rate = self._train_epoch(epoch)
+                rates.append(rate)
+                self.balancer.epoch_end(epoch, {n: s["loss"] for n, s in train_stats.items()})
+                val = self._evaluate(self.val_sets)
+                score = self._score(val)
+                is_best = score > self.best["score"]
+                wall = self.wall_before + time.perf_counter() - t_start
+                if is_best:
+                    self.best = {"epoch": epoch, "score": score}
+                    save_torch(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch,
+                                                      "tasks": [t.to_dict() for t in self.tasks],
+                                                      "input": self.input_spec(), "config": self.cfg.to_dict()})
+                line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
+                        "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                        "train": train_stats, "val": val}
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+                for n, m in val.items():
+                    for k, v in m.items():
+                        if k != "count":
+                            self.tb.add_scalar(f"val_{k}/{n}", v, (epoch + 1) * self.steps)
+                save_torch(self.out / "checkpoint.pt", self._state(epoch, wall))
+                self.progress.end_epoch(epoch, train_stats, val, rate, is_best)
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
         return self.finish(self.wall_before + time.perf_counter() - t_start, rates)
 
     def finish(self, wall: float, rates: list[float]) -> dict[str, Any]:
         """Evaluate the best (validation-selected) weights on val and test; write summary.json."""
-        best = load_checkpoint(self.out / "best.pt")
+        best = load_checkpoint(self.out / "best.pt", ("model", "epoch"))
         self.model.load_state_dict(best["model"])
         val, test = self._evaluate(self.val_sets), self._evaluate(self.test_sets)
         summary: dict[str, Any] = {
@@ -302,18 +348,22 @@ class Trainer:
         return summary
 
 
+def default_out_dir(cfg: Config) -> Path:
+    return Path("runs") / cfg.name
+
+
 def train(config: Config | dict | str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
           resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train (or resume) a run; with `baselines.single_task`, also the single-task runs and Δm."""
-    from .baselines import attach_delta_m, train_single_task_baselines
+    from .baselines import attach_delta_m, check_baseline_runs, train_single_task_baselines
 
-    cfg = config if isinstance(config, Config) else (
-        load_config(data=config) if isinstance(config, dict) else load_config(config))
-    out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
+    cfg = as_config(config)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
+    check_baseline_runs(cfg)
     summary = Trainer(cfg, out, resume=resume, quiet=quiet).fit()
     stl_dirs = dict(cfg.baselines.runs)
     if cfg.baselines.single_task:
-        stl_dirs.update(train_single_task_baselines(cfg, out, [t for t in summary["tasks"]], quiet))
+        stl_dirs.update(train_single_task_baselines(cfg, out, list(summary["tasks"]), quiet))
     if stl_dirs:
         summary = attach_delta_m(out, summary, stl_dirs)
     return summary

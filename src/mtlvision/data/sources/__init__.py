@@ -6,7 +6,9 @@ its validated parameters. `fingerprint()` identifies its inputs for the decoded 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -62,4 +64,6 @@ def existing_path(path: str, key: str) -> Path:
     return p
 
 
-from . import cifar, folder, multimnist, npz, shapes  # noqa: E402,F401  (registration)
+# every module in this package registers its sources: a new source is one file with one decorator
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

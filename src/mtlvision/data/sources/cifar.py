@@ -26,12 +26,18 @@ class CifarParams:
     download: bool = False
 
 
-def _open(cls: type, root: str, train: bool, download: bool):
+def _open(cls: type[datasets.CIFAR10], root: str, train: bool, download: bool) -> datasets.CIFAR10:
     try:
         return cls(root=os.path.expanduser(root), train=train, download=download)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise DataError(f"data.source.root={root!r}: {exc} (expected the official python version in "
                         f"{Path(root) / cls.base_folder}; set data.source.download: true to fetch it)") from None
+    except OSError as exc:  # downloading: urllib's URLError, timeouts; else an unreadable file
+        folder = Path(root) / cls.base_folder
+        if not download:
+            raise DataError(f"data.source.root={root!r}: cannot read {folder} ({exc})") from None
+        raise DataError(f"data.source.root={root!r}: could not reach {cls.url} ({exc}); without internet, "
+                        f"put the official python version in {folder} and set data.source.download: false") from None
 
 
 def _pickle(path: Path) -> dict:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import tarfile
+import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTS
 
 
-def _list_split(root: Path, split: str) -> list[tuple[str, str, object]]:
+def _list_split(root: Path, split: str) -> list[tuple[str, str, Callable[[], bytes]]]:
     """(class, display name, reader) for every image of a split, from a folder or a tar.gz."""
     folder, tar = root / split, next((root / f"{split}{e}" for e in (".tar.gz", ".tgz", ".tar")
                                       if (root / f"{split}{e}").is_file()), None)
@@ -42,12 +43,16 @@ def _list_split(root: Path, split: str) -> list[tuple[str, str, object]]:
         return [(p.parent.name, str(p), p.read_bytes) for p in files]
     if tar is not None:
         out = []
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                parts = Path(m.name).parts
-                if m.isfile() and _is_image(m.name) and len(parts) >= 2:
-                    data = tf.extractfile(m).read()
-                    out.append((Path(m.name), parts[-2], f"{tar}:{m.name}", (lambda d=data: d)))
+        try:
+            with tarfile.open(tar) as tf:
+                for m in tf:
+                    parts = Path(m.name).parts
+                    if m.isfile() and _is_image(m.name) and len(parts) >= 2:
+                        data = tf.extractfile(m).read()
+                        out.append((Path(m.name), parts[-2], f"{tar}:{m.name}", (lambda d=data: d)))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # corrupt, truncated, unreadable
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{tar}: cannot read archive ({reason}); expected a valid .tar, .tar.gz or .tgz") from None
         # the same order as a folder listing (by path components), so folder and tar give equal arrays
         return [t[1:] for t in sorted(out, key=lambda t: t[0])]
     raise DataError(f"{root}: no {split}/ folder and no {split}.tar.gz")
@@ -106,13 +111,16 @@ class CsvParams:
 
 
 def _read_rows(path: Path, image_column: str, needed: list[str]) -> list[tuple[int, dict[str, str]]]:
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f, restval="")  # short rows: missing trailing cells are empty
-        header = reader.fieldnames or []
-        missing = [c for c in [image_column, *needed] if c not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
-        return [(i + 2, row) for i, row in enumerate(reader)]  # line numbers (header is line 1)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: drops an Excel byte-order mark
+            reader = csv.DictReader(f, restval="")  # short rows: missing trailing cells are empty
+            header = reader.fieldnames or []
+            missing = [c for c in [image_column, *needed] if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; header is {header}")
+            return [(i + 2, row) for i, row in enumerate(reader)]  # line numbers (header is line 1)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read CSV ({exc}); expected a UTF-8 text file with a header row") from None
 
 
 @SOURCES.register("csv", params=CsvParams)
@@ -152,7 +160,8 @@ class CsvSource(Source):
         tasks = []
         for name, spec in specs.items():
             col = columns[name]
-            seen = sorted({r[col].strip() for rs in rows.values() for _, _, r in rs} - {""})
+            # classes come from the training rows: a test value never trained on is an error
+            seen = sorted({r[col].strip() for s, rs in rows.items() if s != "test" for _, _, r in rs} - {""})
             classes = spec.classes or seen
             tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
         skipped: list[str] = []
@@ -172,14 +181,15 @@ class CsvSource(Source):
                     v = r[columns[t.name]].strip()
                     if v and v not in index:
                         raise DataError(f"{path} line {line}: task {t.name!r} value {v!r} is not a known class; "
-                                        f"expected one of {t.classes} or an empty cell for missing")
+                                        f"expected one of {t.classes} (the training rows' values unless the "
+                                        "task declares classes) or an empty cell for missing")
                     vals[j] = index[v] if v else MISSING
                 labels[t.name] = vals
             sets[s] = ImageSet(imgs, labels)
         return SourceData(tasks, sets["train"], sets["test"], sets.get("val"), skipped=skipped)
 
 
-def _missing(f: Path, csv_path: Path, line: int):
+def _missing(f: Path, csv_path: Path, line: int) -> Callable[[], bytes]:
     def read() -> bytes:
         raise DataError(f"{csv_path} line {line}: image file {f} does not exist")
     return read

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import DataError
 from ...tasks import Task
 from ..arrays import ImageSet, adapt_images
 from . import SOURCES, Source, SourceData, existing_path
@@ -51,6 +52,9 @@ class MultiMnistSource(Source):
         sets = []
         for split in ("train", "test"):
             raw = read_split(root, split)
+            if "label" not in raw:
+                raise DataError(f"{root}/{split}-*.npz: no 'label' array (keys: {sorted(raw)}); "
+                                "expected MNIST shards holding images and label")
             sets.append(ImageSet(*compose(raw["images"], raw["label"], rng, p.canvas, p.size)))
         tasks = [Task("left", digits, flip_ok=False), Task("right", digits, flip_ok=False)]
         return SourceData(tasks, sets[0], sets[1])

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...tasks import MISSING, Task
 from ..arrays import ImageSet, check_labels
 from . import SOURCES, Source, SourceData, existing_path
@@ -51,6 +51,12 @@ def read_split(root: Path, split: str) -> dict[str, np.ndarray]:
             raise DataError(f"{f}: cannot read npz shard ({exc})") from None
         if "images" not in parts[-1]:
             raise DataError(f"{f}: has no 'images' array (keys: {sorted(parts[-1])})")
+        images = parts[-1]["images"]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise DataError(f"{f}: 'images' is {images.dtype} {images.shape}; expected uint8 (N,H,W,C)")
+        if set(parts[-1]) != set(parts[0]):
+            raise DataError(f"{f}: keys {sorted(parts[-1])} differ from {files[0]}: {sorted(parts[0])}; "
+                            "expected every shard of a split to hold the same arrays")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -60,6 +66,21 @@ def _drop_rows(raw: dict[str, np.ndarray], key: str, where: str) -> dict[str, np
         raise DataError(f"{where}: drop_key {key!r} is not a key (keys: {sorted(raw)})")
     keep = ~raw[key].astype(bool)
     return {k: v[keep] for k, v in raw.items()}
+
+
+def _read_meta(root: Path) -> dict[str, dict]:
+    """`label_kinds` of meta.json (key -> {num_classes, names}); empty without the file."""
+    path = root / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    kinds = meta.get("label_kinds", {}) if isinstance(meta, dict) else None
+    if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
+        raise DataError(f"{path}: expected {{\"label_kinds\": {{key: {{\"num_classes\": K, \"names\": [...]}}}}}}")
+    return kinds
 
 
 def _bin_labels(values: np.ndarray, bins: list[float]) -> np.ndarray:
@@ -81,9 +102,7 @@ class NpzSource(Source):
     def load(self) -> SourceData:
         p = self.params
         root = existing_path(p.path, "data.source.path")
-        meta = {}
-        if (root / "meta.json").is_file():
-            meta = json.loads((root / "meta.json").read_text()).get("label_kinds", {})
+        meta = _read_meta(root)
         train_raw = read_split(root, p.train_split)
         if p.fold_key:
             if p.fold_key not in train_raw:
@@ -105,6 +124,12 @@ class NpzSource(Source):
             if key not in train_raw:
                 raise DataError(f"data.source.tasks.{name}: key {key!r} not in {root} "
                                 f"(keys: {sorted(k for k in train_raw if k != 'images')})")
+            if key not in test_raw:
+                raise DataError(f"data.source.tasks.{name}: key {key!r} is in {where['train']} but not in "
+                                f"{where['test']} (keys: {sorted(k for k in test_raw if k != 'images')})")
+            if spec.bins and any(b >= c for b, c in zip(spec.bins, spec.bins[1:])):
+                raise ConfigError(f"data.source.tasks.{name}.bins: expected strictly increasing edges, "
+                                  f"got {spec.bins}")
             if spec.bins:
                 classes = spec.classes or [f"{lo:g}-{hi:g}" for lo, hi in zip(spec.bins, spec.bins[1:])]
                 conv = lambda v: _bin_labels(v.astype(np.float64), spec.bins)  # noqa: E731
