@@ -151,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "loader": lambda: loader_only(args.steps)}, args.rounds)
         n_params = sum(p.numel() for p in tr.model.parameters())
         tasks = [t.name for t in tr.tasks]
-        train_images = len(tr.train_sets[0])
+        train_images = len(tr.loaders[0].data)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
         if fresh and not args.keep_cache:

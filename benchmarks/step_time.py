@@ -151,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.manual_seed(cfg.seed)  # same seed as the trainer -> same initial weights
         model = build_model(cfg.model, tr.tasks, tr.data.image_shape).to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        imgs, labs, b = tr.train_sets[0].images, tr.train_sets[0].labels, args.batch_size
+        imgs, labs, b = tr.loaders[0].data.images, tr.loaders[0].data.labels, args.batch_size
         batches = [(tr.normalize(imgs[i * b:(i + 1) * b]).clone(memory_format=torch.channels_last),
                     {n: v[i * b:(i + 1) * b].clone() for n, v in labs.items()}) for i in range(min(args.steps, 8))]
 
