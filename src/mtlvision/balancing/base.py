@@ -37,6 +37,9 @@ class StepContext:
 class Balancer(nn.Module):
     """Base class. `backward` runs the backward pass and returns the task weights it applied."""
 
+    # Gramian of the last step's per-task gradients (methods that compute one), for telemetry
+    gramian: Optional[torch.Tensor] = None
+
     def __init__(self, tasks: list[Task]) -> None:
         super().__init__()
         self.task_names = [t.name for t in tasks]
@@ -53,6 +56,16 @@ class Balancer(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         return None
+
+
+def gradient_stats(gramian: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
+    """Per-task gradient norms and pairwise cosine similarities, read off G = J Jᵀ."""
+    g = gramian.detach().double().cpu()
+    norms = g.diagonal().clamp(min=0).sqrt()
+    cos = g / (norms[:, None] * norms[None, :]).clamp(min=1e-30)
+    return {"norm": {n: norms[i].item() for i, n in enumerate(names)},
+            "cosine": {f"{a}|{b}": cos[i, j].item() for i, a in enumerate(names)
+                       for j, b in enumerate(names) if i < j}}
 
 
 def build_balancer(spec: dict[str, Any], tasks: list[Task], where: str = "balancing") -> Balancer:

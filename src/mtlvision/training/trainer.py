@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..balancing import StepContext, build_balancer
+from ..balancing.base import gradient_stats
 from ..config import Config, as_config, save_config
 from ..data import build_data
 from ..data.loader import BatchAugment, Normalize, TensorImages, TrainLoader
@@ -123,6 +124,7 @@ class Trainer:
         self.start_epoch, self.wall_before = 0, 0.0
         self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
         self._tb: Any = None
+        self.telemetry: dict[str, dict[str, float]] = {}  # epoch means of sampled weights / grad stats
 
     # -- state -----------------------------------------------------------------------------------
     def input_spec(self) -> dict[str, Any]:
@@ -236,6 +238,7 @@ class Trainer:
         self.progress.start_epoch(epoch)
         t0, seen = time.perf_counter(), 0
         stats: Metrics = {}
+        samples: list[dict[str, Any]] = []  # sampled task weights and gradient statistics
         for step in range(self.steps):
             losses, logits, labels, weights, n = self.train_step(epoch, step)
             with torch.no_grad():
@@ -254,6 +257,15 @@ class Trainer:
                     self.tb.add_scalar(f"train_loss/{name}", stats[name]["loss"], gstep)
                     self.tb.add_scalar(f"task_weight/{name}", weights[name], gstep)
                 self.tb.add_scalar("lr", self.optimizer.param_groups[0]["lr"], gstep)
+                sample: dict[str, Any] = {"weight": dict(weights)}
+                if self.balancer.gramian is not None:
+                    sample.update(gradient_stats(self.balancer.gramian, names))
+                    for kind in ("norm", "cosine"):
+                        for key, value in sample[kind].items():
+                            self.tb.add_scalar(f"grad_{kind}/{key}", value, gstep)
+                samples.append(sample)
+        self.telemetry = {kind: {k: float(np.mean([s[kind][k] for s in samples])) for k in samples[0][kind]}
+                          for kind in samples[0]} if samples else {}
         return stats, seen / (time.perf_counter() - t0)
 
     def _read(self, sums: torch.Tensor, first_bad: torch.Tensor, names: list[str], epoch: int) -> Metrics:
@@ -313,7 +325,7 @@ class Trainer:
                                                       "input": self.input_spec(), "config": self.cfg.to_dict()})
                 line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
                         "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
-                        "train": train_stats, "val": val}
+                        "train": train_stats, "val": val, "balancing": self.telemetry}
                 with (self.out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(line) + "\n")
                 for n, m in val.items():

@@ -1,0 +1,85 @@
+"""Gradient balancing: per-task gradients -> Gramian G = J Jᵀ -> weights w -> one update d = Jᵀw.
+
+Two spaces, chosen per method with `space`:
+
+* `feature` (default; "MGDA-UB", Sener & Koltun 2018): J holds each task's gradient with respect to
+  the shared representation (B x D). It costs T backward passes through the task heads only, then ONE
+  backward through the trunk with the combined gradient: close to the price of an equal-weight step.
+  It balances what the trunk receives through the representation, an upper-bound surrogate of the
+  exact parameter-space problem. In multi-input runs every task owns different rows of the
+  representation, so cross-task inner products are zero there; use `parameter` to see conflicts.
+* `parameter`: J holds each task's gradient with respect to every shared (trunk) parameter: exact,
+  at the price of T backward passes through the trunk.
+
+Task-specific parameters (heads, and modules that only task heads read) always receive the plain sum
+of their own tasks' gradients. G is passed through `StepContext.all_reduce` before the weights are
+computed, so data-parallel ranks that sum their Gramians compute identical weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+from ..tasks import Task
+from .base import Balancer, StepContext
+
+
+@dataclasses.dataclass
+class GradientParams:
+    space: Literal["feature", "parameter"] = "feature"
+
+
+def _accumulate(params: list[torch.nn.Parameter], grads: list[Optional[torch.Tensor]]) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+
+
+class GradientBalancer(Balancer):
+    """Base of Gramian-based methods: subclasses implement `weights(G, ctx) -> w`."""
+
+    def __init__(self, p: GradientParams, tasks: list[Task]) -> None:
+        super().__init__(tasks)
+        self.space = p.space
+        self.gramian: Optional[torch.Tensor] = None  # last step's G, for telemetry
+
+    def weights(self, gramian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        gramian = ctx.all_reduce(jacobian @ jacobian.T)
+        self.gramian = gramian.detach()
+        w = self.weights(gramian, ctx).to(jacobian.dtype)
+        return w @ jacobian, w
+
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        names = self.task_names
+        task_params = [p for p in ctx.task_params if p.requires_grad]
+        if self.space == "feature":
+            shared = ctx.shared
+            rows = []
+            for t, name in enumerate(names):
+                g_shared, *g_task = torch.autograd.grad(losses[name], [shared, *task_params], retain_graph=True,
+                                                        allow_unused=True)
+                rows.append((g_shared if g_shared is not None else torch.zeros_like(shared)).reshape(-1))
+                _accumulate(task_params, g_task)
+            update, w = self._combine(torch.stack(rows).float(), ctx)
+            shared.backward(update.view_as(shared).to(shared.dtype))
+        else:
+            shared_params = [p for p in ctx.shared_params if p.requires_grad]
+            rows = []
+            for t, name in enumerate(names):
+                grads = torch.autograd.grad(losses[name], [*shared_params, *task_params],
+                                            retain_graph=t < len(names) - 1, allow_unused=True)
+                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p, g in zip(shared_params, grads[:len(shared_params)])]))
+                _accumulate(task_params, list(grads[len(shared_params):]))
+            update, w = self._combine(torch.stack(rows), ctx)
+            offset = 0
+            for p in shared_params:
+                n = p.numel()
+                p.grad = update[offset:offset + n].view_as(p).to(p.dtype)
+                offset += n
+        return dict(zip(names, w.tolist()))
