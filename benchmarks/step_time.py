@@ -20,58 +20,23 @@ Example:  python benchmarks/step_time.py               (defaults: width 0.5, bat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 import sys
 import tempfile
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import default_threads, environment, interleave, ratio_stats, report
+from _common import default_threads, environment, interleave, ratio_stats, report  # also registers bench-random
 
 from mtlvision.config import Config, load_config
-from mtlvision.data.arrays import ImageSet
-from mtlvision.data.sources import SOURCES, Source, SourceData
 from mtlvision.models import build_model
-from mtlvision.tasks import Task
 from mtlvision.training.trainer import Trainer
 
 GOAL = 1.05
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
-
-
-@dataclasses.dataclass
-class RandomParams:
-    n_train: int = 1280
-    n_eval: int = 128
-    classes: list[int] = dataclasses.field(default_factory=lambda: [10, 10, 2])
-    size: int = 32
-    seed: int = 0
-
-
-class RandomSource(Source):
-    """Benchmark-only source: random uint8 RGB images and random labels, one task per entry of `classes`."""
-
-    cacheable = False
-
-    def load(self) -> SourceData:
-        p = self.params
-        rng = np.random.default_rng(p.seed)
-
-        def split(n: int) -> ImageSet:
-            return ImageSet(rng.integers(0, 256, (n, p.size, p.size, 3), dtype=np.uint8),
-                            {f"task{i}": rng.integers(0, k, n).astype(np.int64) for i, k in enumerate(p.classes)})
-
-        tasks = [Task(f"task{i}", [str(c) for c in range(k)]) for i, k in enumerate(p.classes)]
-        return SourceData(tasks, split(p.n_train), split(p.n_eval), split(p.n_eval))
-
-
-if "bench-random" not in SOURCES.names():
-    SOURCES.register("bench-random", params=RandomParams)(RandomSource)
 
 
 def make_config(args: argparse.Namespace, epochs: int) -> Config:

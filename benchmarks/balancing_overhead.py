@@ -1,0 +1,157 @@
+"""Cost of every balancing method relative to the equal-weight (EW) step, in one process (CPU or GPU).
+
+Measured: seconds per `Trainer.train_step` (loader batch -> forward -> task losses -> balancer.backward
+-> optimiser step) of a ResNet-18 (CIFAR stem, --width) on random 32x32 data, for T tasks, with each
+method swapped in as the trainer's balancer. Single-input: one batch of --batch-size images feeds all
+T tasks. Multi-input: T input streams (one task each), each step takes one batch of
+--batch-size // T images per stream. Methods and EW alternate in rounds after warm-up; the table gives
+the median per-round ratio method/EW. Goals (issue): loss weighting <= 1.05, feature-space gradient
+methods <= 1.3 (single-input) and <= 1.2 (multi-input); parameter-space methods are reported (LibMTL's
+gradient methods cost 3.3x EW at T=3 on this kind of CPU). "J MiB" is the extra memory held for the
+per-task gradients (T x B x D floats in feature space, T x trunk parameters in parameter space); on a
+GPU the peak CUDA memory per method is also printed.
+
+Example:  python benchmarks/balancing_overhead.py --tasks 3 10 --json
+          python benchmarks/balancing_overhead.py --width 0.25 --methods equal mgda pcgrad --space parameter
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+from _common import default_threads, environment, interleave, ratio_stats  # also registers bench-random
+
+from mtlvision.balancing import METHODS, build_balancer
+from mtlvision.balancing.gradient import GradientBalancer
+from mtlvision.config import load_config
+from mtlvision.training.trainer import Trainer
+
+GOALS = {"loss": 1.05, "feature": 1.3, "feature-multi": 1.2}
+
+
+def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str) -> Trainer:
+    batch = max(8, args.batch_size // tasks) if multi else args.batch_size
+    steps = args.steps + args.warmup
+    classes = [10 if i % 2 == 0 else 2 for i in range(tasks)]
+    if multi:
+        data = {"sources": {f"s{i}": {"name": "bench-random", "classes": [k], "prefix": f"t{i}_",
+                                      "n_train": steps * batch, "seed": i} for i, k in enumerate(classes)}}
+    else:
+        data = {"source": {"name": "bench-random", "classes": classes, "n_train": steps * batch}}
+    cfg = load_config(data={
+        "name": "bench-balancing", "seed": 0,
+        "data": {**data, "batch_size": batch, "cache": False, "augment": {"crop_padding": 4, "flip": True}},
+        "model": {"backbone": {"name": "resnet18", "width": args.width, "stem": "cifar"},
+                  "architecture": {"name": "task-features", "feature_dim": 128}},
+        "train": {"epochs": 1000, "lr": 0.01, "schedule": "constant", "device": args.device,
+                  "threads": args.threads, "log_every": 10**6},
+    })
+    return Trainer(cfg, out, quiet=True)
+
+
+def kind(method: str, space: str) -> str:
+    entry = METHODS.get(method)
+    is_gradient = isinstance(entry.factory, type) and issubclass(entry.factory, GradientBalancer)
+    return f"gradient/{space}" if is_gradient else "loss"
+
+
+def j_mib(tr: Trainer, tasks: int, k: str) -> float:
+    if k == "loss":
+        return 0.0
+    if k.endswith("parameter"):
+        return tasks * sum(p.numel() for p in tr.model.shared_parameters()) * 4 / 2**20
+    images = sum(ld.batch_size for ld in tr.loaders)
+    return tasks * images * tr.model.backbone.out_dim * 4 / 2**20
+
+
+def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = make_trainer(tasks, multi, args, tmp)
+        balancers = {"equal": tr.balancer}
+        for m in args.methods:
+            if m == "equal":
+                continue
+            spec = {"method": m}
+            if kind(m, "feature") != "loss":
+                spec["space"] = args.space
+            balancers[m] = build_balancer(spec, tr.tasks).to(tr.device)
+        pos = {"step": 0}
+
+        def runner(balancer):
+            def run() -> None:
+                tr.balancer = balancer
+                for _ in range(args.steps):
+                    tr.train_step(0, pos["step"] % tr.steps)
+                    pos["step"] += 1
+                if tr.device.type == "cuda":
+                    torch.cuda.synchronize()
+            return run
+
+        variants = {m: runner(b) for m, b in balancers.items()}
+        for run in variants.values():  # warm-up
+            run()
+        peaks: dict[str, float] = {}
+        if tr.device.type == "cuda":
+            for m, run in variants.items():
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                peaks[m] = torch.cuda.max_memory_allocated() / 2**20
+        times = interleave(variants, args.rounds)
+        rows = []
+        for m in balancers:
+            k = kind(m, args.space)
+            r = ratio_stats(times[m], times["equal"])
+            goal = None if k in ("gradient/parameter",) else GOALS["loss"] if k == "loss" else \
+                GOALS["feature-multi"] if multi else GOALS["feature"]
+            rows.append({"tasks": tasks, "input": "multi" if multi else "single", "method": m, "kind": k,
+                         "ms_per_step": 1000 * statistics.median(times[m]) / args.steps,
+                         "ratio": r["median"], "ratio_range": [r["min"], r["max"]], "goal": goal,
+                         "pass": None if goal is None else r["median"] <= goal,
+                         "j_mib": j_mib(tr, tasks, k), "peak_cuda_mib": peaks.get(m)})
+        return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
+    ap.add_argument("--inputs", nargs="+", choices=["single", "multi"], default=["single", "multi"])
+    ap.add_argument("--methods", nargs="+", default=METHODS.names())
+    ap.add_argument("--space", choices=["feature", "parameter"], default="feature")
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3, help="steps per round per method")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if "equal" not in args.methods:
+        args.methods = ["equal", *args.methods]
+    rows = [r for t in args.tasks for inp in args.inputs for r in bench(t, inp == "multi", args)]
+    if args.json:
+        import json
+        json.dump({"env": environment(), "args": vars(args), "rows": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"balancing overhead vs EW: resnet18 w{args.width}, batch {args.batch_size}, {args.space} space, "
+          f"{args.rounds} rounds x {args.steps} steps, {environment()}")
+    print(f"{'T':>3} {'input':6} {'method':12} {'kind':19} {'ms/step':>9} {'ratio':>6} {'range':>13} "
+          f"{'goal':>5} {'J MiB':>7} {'peak MiB':>9}")
+    for r in rows:
+        goal = f"{r['goal']:.2f}" if r["goal"] else "-"
+        mark = "" if r["pass"] is None else (" ok" if r["pass"] else " MISS")
+        peak = f"{r['peak_cuda_mib']:.0f}" if r["peak_cuda_mib"] is not None else "-"
+        print(f"{r['tasks']:>3} {r['input']:6} {r['method']:12} {r['kind']:19} {r['ms_per_step']:9.1f} "
+              f"{r['ratio']:6.3f} {r['ratio_range'][0]:6.2f}-{r['ratio_range'][1]:<6.2f} {goal:>5} "
+              f"{r['j_mib']:7.1f} {peak:>9}{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
