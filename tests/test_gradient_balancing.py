@@ -136,3 +136,26 @@ def test_gradient_telemetry_reaches_metrics_log(tmp_path):
     assert set(tele["weight"]) == set(summary["tasks"])
     assert set(tele["norm"]) == set(summary["tasks"]) and all(v > 0 for v in tele["norm"].values())
     assert "shape|colour" in tele["cosine"] and all(-1 <= v <= 1 for v in tele["cosine"].values())
+
+
+def test_graddrop_keeps_one_sign_per_unit():
+    """With leak 0, every unit of the combined gradient comes from tasks whose batch signal shares one sign."""
+    from mtlvision.balancing.gradient_methods import GradDrop, GradDropParams
+
+    T, B, D = 3, 4, 50
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(B, D, generator=g).abs()  # positive activations: sign(A) = 1
+    grads = torch.randn(T, B, D, generator=g)
+    ctx = StepContext(shared, [], [], 0, 0)
+    gd = GradDrop(GradDropParams(), TASKS)
+    update, kept = gd._combine(grads.reshape(T, -1), ctx)
+    update = update.view(B, D)
+    signal = grads.sum(1)  # (T, D)
+    for d in range(D):
+        positive = signal[:, d] > 0
+        expect_pos = grads[positive, :, d].sum(0)
+        expect_neg = grads[~positive, :, d].sum(0)
+        assert torch.allclose(update[:, d], expect_pos) or torch.allclose(update[:, d], expect_neg)
+    assert ((kept >= 0) & (kept <= 1)).all()
+    full = GradDrop(GradDropParams(leak=1.0), TASKS)._combine(grads.reshape(T, -1), ctx)[0]
+    torch.testing.assert_close(full, grads.sum(0).reshape(-1))  # leak 1: plain sum

@@ -117,3 +117,44 @@ class AlignedMTL(_Stateless):
                               "(Quinton & Rey, 2024: Jacobian descent).")
 class UPGrad(_Stateless):
     solver = gramian.upgrad
+
+
+@dataclasses.dataclass
+class GradDropParams:
+    leak: float = 0.0  # l_i: share of each task's gradient that always passes (0 = "pure" GradDrop)
+    seed: Optional[int] = None  # default: the run's seed
+
+
+@METHODS.register("graddrop", params=GradDropParams,
+                  description="GradDrop: keep one gradient sign per unit, drawn by sign purity "
+                              "(Chen et al., NeurIPS 2020); feature space only.")
+class GradDrop(_Seeded):
+    r"""Gradient Sign Dropout (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
+    Gradient Sign Dropout", NeurIPS 2020, Algorithm 1, lines 10-15), applied at the shared
+    representation A (B x D), where it acts as a layer. Not a function of G. With per-task gradients
+    ∇_i = ∂L_i/∂A and their batch-reduced signals S_i = Σ_batch sign(A) ∘ ∇_i (the paper's
+    "batch-reduced" variant with the activation sign):
+
+        P = ½ (1 + Σ_i S_i / Σ_i |S_i|)                     positive sign purity, per unit (D)
+        U ~ Uniform(0, 1)                                     per unit, per step
+        M_i = [P > U] ∘ [S_i > 0] + [P < U] ∘ [S_i < 0]
+        ∂L/∂A = Σ_i (l_i + (1 - l_i) M_i) ∘ ∇_i
+
+    The reported "weight" of task i is the fraction of units where its gradient passes.
+    """
+
+    def __init__(self, p: GradDropParams, tasks: list[Task]) -> None:
+        super().__init__(SeededParams(space="feature", seed=p.seed), tasks)
+        self.leak = p.leak
+
+    def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gramian = ctx.all_reduce(jacobian @ jacobian.T).detach()
+        shape = ctx.shared.shape
+        grads = jacobian.view(len(jacobian), shape[0], -1)  # (T, B, D)
+        signal = ctx.all_reduce((grads * ctx.shared.detach().sign().reshape(1, shape[0], -1)).sum(1))  # (T, D)
+        purity = 0.5 * (1 + signal.sum(0) / signal.abs().sum(0).clamp(min=1e-30))
+        u = torch.rand(purity.shape, generator=_step_generator(self.seed, ctx)).to(purity.device)
+        mask = ((purity > u) & (signal > 0)) | ((purity < u) & (signal < 0))  # (T, D)
+        keep = self.leak + (1 - self.leak) * mask.to(grads.dtype)
+        update = (keep[:, None, :] * grads).sum(0).reshape(-1)
+        return update, mask.to(grads.dtype).mean(1)
