@@ -159,3 +159,38 @@ def test_graddrop_keeps_one_sign_per_unit():
     assert ((kept >= 0) & (kept <= 1)).all()
     full = GradDrop(GradDropParams(leak=1.0), TASKS)._combine(grads.reshape(T, -1), ctx)[0]
     torch.testing.assert_close(full, grads.sum(0).reshape(-1))  # leak 1: plain sum
+
+
+def test_gradnorm_weight_gradient_follows_the_paper():
+    from mtlvision.balancing.gradient_methods import GradNorm, GradNormParams
+
+    gn = GradNorm(GradNormParams(alpha=1.0), TASKS)
+    gn.initial.copy_(torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
+    gn._losses = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # training rates L/L0: 0.5, 1, 0.5
+    G = torch.diag(torch.tensor([4.0, 1.0, 1.0]))  # gradient norms 2, 1, 1
+    w = gn.weights(G, None)
+    assert torch.equal(w, torch.ones(3))
+    scaled = torch.tensor([2.0, 1.0, 1.0])
+    ratio = torch.tensor([0.5, 1.0, 0.5]) / (2 / 3)
+    target = scaled.mean() * ratio
+    torch.testing.assert_close(gn.w.grad, torch.sign(scaled - target) * torch.tensor([2.0, 1.0, 1.0]))
+
+
+def test_db_mtl_scales_ema_gradients_to_the_largest_norm():
+    from mtlvision.balancing.gradient_methods import DBMTL, DBMTLParams
+
+    db = DBMTL(DBMTLParams(beta=0.5), TASKS)
+    J1 = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    J2 = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, -1.0]])
+    ctx = StepContext(torch.zeros(1), [], [], 0, 0)
+    db._combine(J1, ctx)
+    d, w = db._combine(J2, ctx)
+    avg = 0.5 * (0.5 * J1) + 0.5 * J2  # first step: 0.5*0 + 0.5*J1; second: 0.5*avg + 0.5*J2
+    norms = avg.norm(dim=1)
+    torch.testing.assert_close(w, norms.max() / norms)
+    torch.testing.assert_close(d, (w[:, None] * avg).sum(0))
+    assert torch.allclose((w[:, None] * avg).norm(dim=1), norms.max().expand(3))
+    resumed = DBMTL(DBMTLParams(beta=0.5), TASKS)
+    resumed.load_state_dict(db.state_dict())  # the lazily sized average survives a checkpoint
+    torch.testing.assert_close(resumed.average, db.average)
+    assert int(resumed.steps) == 2

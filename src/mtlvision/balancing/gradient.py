@@ -38,7 +38,13 @@ def _accumulate(params: list[torch.nn.Parameter], grads: list[Optional[torch.Ten
 
 
 class GradientBalancer(Balancer):
-    """Base of Gramian-based methods: subclasses implement `weights(G, ctx) -> w`."""
+    """Base of Gramian-based methods: subclasses implement `weights(G, ctx) -> w`.
+
+    `weight_task_grads`: task-specific parameters receive sum_t w_t grad L_t (methods that define a
+    weighted total loss, e.g. GradNorm) instead of the plain sum.
+    """
+
+    weight_task_grads = False
 
     def __init__(self, p: GradientParams, tasks: list[Task]) -> None:
         super().__init__(tasks)
@@ -54,9 +60,15 @@ class GradientBalancer(Balancer):
         w = self.weights(gramian, ctx).to(jacobian.dtype)
         return w @ jacobian, w
 
+    def transform(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-task objectives whose gradients are balanced (the losses themselves by default)."""
+        return losses
+
     def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         names = self.task_names
+        losses = self.transform(losses)
         task_params = [p for p in ctx.task_params if p.requires_grad]
+        task_grads = []
         if self.space == "feature":
             shared = ctx.shared
             rows = []
@@ -64,7 +76,7 @@ class GradientBalancer(Balancer):
                 g_shared, *g_task = torch.autograd.grad(losses[name], [shared, *task_params], retain_graph=True,
                                                         allow_unused=True)
                 rows.append((g_shared if g_shared is not None else torch.zeros_like(shared)).reshape(-1))
-                _accumulate(task_params, g_task)
+                task_grads.append(g_task)
             update, w = self._combine(torch.stack(rows).float(), ctx)
             shared.backward(update.view_as(shared).to(shared.dtype))
         else:
@@ -75,11 +87,14 @@ class GradientBalancer(Balancer):
                                             retain_graph=t < len(names) - 1, allow_unused=True)
                 rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                        for p, g in zip(shared_params, grads[:len(shared_params)])]))
-                _accumulate(task_params, list(grads[len(shared_params):]))
+                task_grads.append(list(grads[len(shared_params):]))
             update, w = self._combine(torch.stack(rows), ctx)
             offset = 0
             for p in shared_params:
                 n = p.numel()
                 p.grad = update[offset:offset + n].view_as(p).to(p.dtype)
                 offset += n
+        for t, grads in enumerate(task_grads):
+            scale = float(w[t]) if self.weight_task_grads else 1.0
+            _accumulate(task_params, [g * scale if g is not None else None for g in grads])
         return dict(zip(names, w.tolist()))

@@ -158,3 +158,103 @@ class GradDrop(_Seeded):
         keep = self.leak + (1 - self.leak) * mask.to(grads.dtype)
         update = (keep[:, None, :] * grads).sum(0).reshape(-1)
         return update, mask.to(grads.dtype).mean(1)
+
+
+@dataclasses.dataclass
+class GradNormParams(GradientParams):
+    alpha: float = 1.5  # asymmetry: how strongly slow tasks are pushed (paper's default range 0.12-3)
+
+
+@METHODS.register("gradnorm", params=GradNormParams,
+                  description="GradNorm: learn task weights so weighted gradient norms follow relative "
+                              "training rates (Chen et al., ICML 2018).")
+class GradNorm(GradientBalancer):
+    r"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018, Algorithm 1).
+
+    Learnable weights w_i (start 1) scale the task losses: the network is trained on Σ_i w_i L_i. With
+    n_i = ||∇_W L_i|| read off the Gramian (n_i = sqrt(G_ii); W = the shared representation in feature
+    space, the trunk parameters in parameter space; the paper uses the last shared layer),
+
+        G_i = w_i n_i,  Ḡ = mean_i G_i,  L̃_i = L_i(t) / L_i(0),  r_i = L̃_i / mean_j L̃_j
+        L_grad = Σ_i | G_i − Ḡ r_i^α |          (the target Ḡ r_i^α is held constant)
+
+    ∂L_grad/∂w_i = sign(G_i − Ḡ r_i^α) n_i becomes w's gradient, which the main optimiser applies
+    (the paper uses one optimiser for both); w is renormalised to Σ_i w_i = T before each step.
+    L_i(0) is each task's first non-zero loss.
+    """
+
+    weight_task_grads = True
+
+    def __init__(self, p: GradNormParams, tasks: list[Task]) -> None:
+        super().__init__(p, tasks)
+        self.alpha = p.alpha
+        self.w = torch.nn.Parameter(torch.ones(len(tasks)))
+        self.register_buffer("initial", torch.zeros(len(tasks), dtype=torch.float64))
+        self._losses: Optional[torch.Tensor] = None
+
+    def backward(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        with torch.no_grad():
+            self.w.clamp_(min=1e-4).mul_(len(self.w) / self.w.sum())
+            current = torch.stack([losses[n].detach() for n in self.task_names]).double()
+            fresh = (self.initial == 0) & (current > 0)
+            self.initial.copy_(torch.where(fresh, current, self.initial))
+        self._losses = current
+        return super().backward(losses, ctx)
+
+    def weights(self, G: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        n = G.detach().double().diagonal().clamp(min=0).sqrt()
+        w = self.w.detach().double()
+        scaled = w * n
+        ratio = torch.where(self.initial > 0, self._losses / self.initial.clamp(min=1e-12), torch.ones_like(n))
+        target = scaled.mean() * (ratio / ratio.mean()) ** self.alpha
+        self.w.grad = (torch.sign(scaled - target) * n).to(self.w.dtype)
+        return w.to(G.dtype)
+
+
+@dataclasses.dataclass
+class DBMTLParams:
+    beta: float = 0.9  # EMA factor of the gradients
+    beta_sigma: float = 0.0  # decay: beta_k = beta / k^beta_sigma
+    eps: float = 1e-8  # inside log(L_t + eps)
+
+
+@METHODS.register("db_mtl", params=DBMTLParams,
+                  description="DB-MTL: log-transformed losses + EMA gradients scaled to the largest norm "
+                              "(Lin et al., 2023); parameter space.")
+class DBMTL(GradientBalancer):
+    r"""Dual-Balancing Multi-Task Learning (Lin, Ye, Xu, Shi & Zhang, 2023).
+
+    Loss-scale balancing: each task contributes log(L_t + eps). Gradient-magnitude balancing: an
+    exponential moving average ĝ_t ← β_k ĝ_t + (1 − β_k) ∇ log(L_t + eps), β_k = β / k^σ, and the update
+
+        d = Σ_t (max_j ||ĝ_j|| / ||ĝ_t||) ĝ_t
+
+    gives every task the largest gradient magnitude. The average is over steps of the same parameter
+    vector, so this method works in parameter space (T backward passes through the trunk); task
+    heads receive the plain sum of ∇ log(L_t + eps).
+    """
+
+    def __init__(self, p: DBMTLParams, tasks: list[Task]) -> None:
+        super().__init__(GradientParams(space="parameter"), tasks)
+        self.beta, self.beta_sigma, self.eps = p.beta, p.beta_sigma, p.eps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("average", torch.zeros(0))
+
+    def transform(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: torch.log(v + self.eps) for n, v in losses.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        if prefix + "average" in state_dict:  # the average is sized on first use: match the checkpoint
+            self.average = torch.empty_like(state_dict[prefix + "average"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        self.gramian = ctx.all_reduce(jacobian @ jacobian.T).detach()
+        self.steps += 1
+        if self.average.shape != jacobian.shape:
+            self.average = torch.zeros_like(jacobian)
+        beta = self.beta / float(self.steps) ** self.beta_sigma
+        self.average.mul_(beta).add_(jacobian.detach(), alpha=1 - beta)
+        norms = self.average.norm(dim=1)
+        w = norms.max() / norms.clamp(min=1e-30)
+        return w @ self.average, w
