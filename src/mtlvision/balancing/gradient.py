@@ -54,9 +54,14 @@ class GradientBalancer(Balancer):
     def weights(self, gramian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _record_gramian(self, jacobian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """G = J Jᵀ summed across ranks; kept for telemetry."""
         gramian = ctx.all_reduce(jacobian @ jacobian.T)
         self.gramian = gramian.detach()
+        return gramian
+
+    def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        gramian = self._record_gramian(jacobian, ctx)
         w = self.weights(gramian, ctx).to(jacobian.dtype)
         return w @ jacobian, w
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..rng import keyed_generator
 from ..tasks import Task
 from . import gramian
 from .base import METHODS, StepContext
@@ -15,7 +16,7 @@ from .gradient import GradientBalancer, GradientParams
 
 def _step_generator(seed: int, ctx: StepContext) -> torch.Generator:
     """Random task orders from (seed, epoch, step): reproducible, resumable, equal on every rank."""
-    return torch.Generator().manual_seed(hash((seed, ctx.epoch, ctx.step)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return keyed_generator(seed, ctx.epoch, ctx.step)
 
 
 class _Stateless(GradientBalancer):
@@ -148,7 +149,7 @@ class GradDrop(_Seeded):
         self.leak = p.leak
 
     def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        self.gramian = ctx.all_reduce(jacobian @ jacobian.T).detach()
+        self._record_gramian(jacobian, ctx)
         shape = ctx.shared.shape
         grads = jacobian.view(len(jacobian), shape[0], -1)  # (T, B, D)
         signal = ctx.all_reduce((grads * ctx.shared.detach().sign().reshape(1, shape[0], -1)).sum(1))  # (T, D)
@@ -249,7 +250,7 @@ class DBMTL(GradientBalancer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        self.gramian = ctx.all_reduce(jacobian @ jacobian.T).detach()
+        self._record_gramian(jacobian, ctx)
         self.steps += 1
         if self.average.shape != jacobian.shape:
             self.average = torch.zeros_like(jacobian)

@@ -13,13 +13,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..rng import keyed_generator
 from .arrays import ImageSet
-
-
-def _gen(*key: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
 
 
 class TensorImages:
@@ -104,11 +99,11 @@ class TrainLoader:
         if self._plan is None or self._plan[:2] != (epoch, steps):
             n, total = len(self.data), steps * self.batch_size
             laps = math.ceil(total / n)
-            order = torch.cat([torch.randperm(n, generator=_gen(self.seed, self.stream, epoch, k))
+            order = torch.cat([torch.randperm(n, generator=keyed_generator(self.seed, self.stream, epoch, k))
                                for k in range(laps)])[:total]
             params = None
             if self.augment is not None:
-                params = self.augment.draw(total, _gen(self.seed, self.stream, epoch, -1)).to(self.data.device)
+                params = self.augment.draw(total, keyed_generator(self.seed, self.stream, epoch, -1)).to(self.data.device)
             self._plan = (epoch, steps, order.to(self.data.device), params)
         return self._plan[2], self._plan[3]
 
