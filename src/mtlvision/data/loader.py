@@ -103,7 +103,8 @@ class TrainLoader:
                                for k in range(laps)])[:total]
             params = None
             if self.augment is not None:
-                params = self.augment.draw(total, keyed_generator(self.seed, self.stream, epoch, -1)).to(self.data.device)
+                g = keyed_generator(self.seed, self.stream, epoch, -1)
+                params = self.augment.draw(total, g).to(self.data.device)
             self._plan = (epoch, steps, order.to(self.data.device), params)
         return self._plan[2], self._plan[3]
 
