@@ -42,7 +42,7 @@ def test_architectures_forward_and_backward(arch):
                                     architecture=arch), TASKS, (32, 32, 3))
     out = model(torch.randn(4, 3, 32, 32))
     assert {k: v.shape for k, v in out.logits.items()} == {"a": (4, 10), "b": (4, 2), "c": (4, 3)}
-    assert out.shared.shape == (4, 32)
+    assert out.shared[0].shape == (4, 32)
     sum(v.sum() for v in out.logits.values()).backward()
     assert all(p.grad is not None for p in model.shared_parameters())
     shared = {id(p) for p in model.shared_parameters()}

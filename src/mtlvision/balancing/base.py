@@ -24,7 +24,16 @@ METHODS: Registry = Registry("balancing method")
 
 @dataclasses.dataclass
 class StepContext:
-    shared: torch.Tensor
+    """What a method may use in one step.
+
+    `shared` holds the tensors the task-specific modules read from the trunk (one for hard sharing;
+    several for architectures such as MTAN that branch at every stage), each with the batch first.
+    `trunk` holds the same tensors on the trunk's side of the cut (they differ when the model split
+    the graph there, see `Architecture.split_shared`); back-propagating into `trunk` reaches every
+    shared parameter exactly once.
+    """
+
+    shared: tuple[torch.Tensor, ...]
     shared_params: list[nn.Parameter]
     task_params: list[nn.Parameter]
     step: int
@@ -32,6 +41,19 @@ class StepContext:
     # Sums a tensor across data-parallel ranks (identity on one process): methods that need
     # cross-rank statistics (e.g. a task Gramian) call it so every rank computes the same weights.
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    trunk: Optional[tuple[torch.Tensor, ...]] = None  # None: the same tensors as `shared`
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shared, torch.Tensor):
+            self.shared = (self.shared,)
+        if self.trunk is None:
+            self.trunk = self.shared
+        elif isinstance(self.trunk, torch.Tensor):
+            self.trunk = (self.trunk,)
+
+    def shared_matrix(self) -> torch.Tensor:
+        """The shared tensors, detached, as one (B, D) matrix (each flattened per example)."""
+        return torch.cat([s.detach().reshape(len(s), -1) for s in self.shared], 1)
 
 
 class Balancer(nn.Module):
@@ -39,6 +61,9 @@ class Balancer(nn.Module):
 
     # Gramian of the last step's per-task gradients (methods that compute one), for telemetry
     gramian: Optional[torch.Tensor] = None
+    # True for methods that differentiate each loss with respect to `StepContext.shared`: the
+    # trainer then asks the model to split its graph there (see `Architecture.split_shared`)
+    needs_shared_features: bool = False
 
     def __init__(self, tasks: list[Task]) -> None:
         super().__init__()

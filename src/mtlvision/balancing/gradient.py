@@ -3,7 +3,8 @@
 Two spaces, chosen per method with `space`:
 
 * `feature` (default; "MGDA-UB", Sener & Koltun 2018): J holds each task's gradient with respect to
-  the shared representation (B x D). It costs T backward passes through the task heads only, then ONE
+  the shared representation (B x D; where an architecture's tasks read several trunk tensors, e.g.
+  MTAN's stage outputs, their per-example concatenation). It costs T backward passes through the task heads only, then ONE
   backward through the trunk with the combined gradient: close to the price of an equal-weight step.
   It balances what the trunk receives through the representation, an upper-bound surrogate of the
   exact parameter-space problem. In multi-input runs every task owns different rows of the
@@ -51,6 +52,11 @@ class GradientBalancer(Balancer):
         self.space = p.space
         self.gramian: Optional[torch.Tensor] = None  # last step's G, for telemetry
 
+    @property
+    def needs_shared_features(self) -> bool:
+        """True when the method differentiates the losses with respect to the shared tensors."""
+        return self.space == "feature"
+
     def weights(self, gramian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
@@ -75,15 +81,18 @@ class GradientBalancer(Balancer):
         task_params = [p for p in ctx.task_params if p.requires_grad]
         task_grads = []
         if self.space == "feature":
-            shared = ctx.shared
+            shared, k = list(ctx.shared), len(ctx.shared)
             rows = []
             for t, name in enumerate(names):
-                g_shared, *g_task = torch.autograd.grad(losses[name], [shared, *task_params], retain_graph=True,
-                                                        allow_unused=True)
-                rows.append((g_shared if g_shared is not None else torch.zeros_like(shared)).reshape(-1))
-                task_grads.append(g_task)
+                grads = torch.autograd.grad(losses[name], [*shared, *task_params], retain_graph=True,
+                                            allow_unused=True)
+                rows.append(torch.cat([(g if g is not None else torch.zeros_like(s)).reshape(len(s), -1)
+                                       for s, g in zip(shared, grads[:k])], 1).reshape(-1))
+                task_grads.append(list(grads[k:]))
             update, w = self._combine(torch.stack(rows).float(), ctx)
-            shared.backward(update.view_as(shared).to(shared.dtype))
+            update = update.view(len(shared[0]), -1).split([s[0].numel() for s in shared], 1)
+            torch.autograd.backward(list(ctx.trunk), [u.reshape(s.shape).to(s.dtype)
+                                                      for u, s in zip(update, ctx.trunk)])
         else:
             shared_params = [p for p in ctx.shared_params if p.requires_grad]
             rows = []

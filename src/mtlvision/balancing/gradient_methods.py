@@ -150,9 +150,9 @@ class GradDrop(_Seeded):
 
     def _combine(self, jacobian: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         self._record_gramian(jacobian, ctx)
-        shape = ctx.shared.shape
-        grads = jacobian.view(len(jacobian), shape[0], -1)  # (T, B, D)
-        signal = ctx.all_reduce((grads * ctx.shared.detach().sign().reshape(1, shape[0], -1)).sum(1))  # (T, D)
+        activation = ctx.shared_matrix()  # (B, D)
+        grads = jacobian.view(len(jacobian), len(activation), -1)  # (T, B, D)
+        signal = ctx.all_reduce((grads * activation.sign()[None]).sum(1))  # (T, D)
         purity = 0.5 * (1 + signal.sum(0) / signal.abs().sum(0).clamp(min=1e-30))
         u = torch.rand(purity.shape, generator=_step_generator(self.seed, ctx)).to(purity.device)
         mask = ((purity > u) & (signal > 0)) | ((purity < u) & (signal < 0))  # (T, D)

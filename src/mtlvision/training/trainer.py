@@ -105,6 +105,7 @@ class Trainer:
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.balancer = build_balancer(cfg.balancing, self.tasks).to(self.device)
+        self.model.split_shared = self.balancer.needs_shared_features
         self.forward = torch.compile(self.model) if tc.compile else self.model
         self.normalize = Normalize(self.data.mean, self.data.std, self.device, tc.channels_last)
         d = cfg.data
@@ -211,7 +212,7 @@ class Trainer:
         logits = {t.name: out.logits[t.name][rows[t.name]].float() for t in self.tasks}
         losses = {t.name: t.loss(logits[t.name], labels[t.name]) for t in self.tasks}
         self.optimizer.zero_grad(set_to_none=True)
-        ctx = StepContext(out.shared, self._shared_params, self._task_params, step, epoch)
+        ctx = StepContext(out.shared, self._shared_params, self._task_params, step, epoch, trunk=out.trunk)
         weights = self.balancer.backward(losses, ctx)
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)

@@ -1,8 +1,4 @@
-"""Architectures: how the tasks share the network above (or inside) the backbone.
-
-An architecture returns, for a batch, each task's logits and the `shared` representation: the
-tensor every task's loss flows through, which feature-space balancing methods differentiate.
-"""
+"""Task-specific feature vectors with a learned sharing module between them."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,59 +8,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..registry import Registry
-from ..tasks import Task
-from .backbones import Backbone
-from .heads import build_head
-
-ARCHITECTURES: Registry = Registry("architecture")
-
-
-@dataclasses.dataclass
-class ModelOutput:
-    logits: dict[str, torch.Tensor]
-    shared: torch.Tensor  # (B, D) representation shared by all tasks
-
-
-class Architecture(nn.Module):
-    """Base: a backbone plus task-specific modules; `shared_parameters()` are the trunk's.
-
-    Heads live in a ModuleList in task order (task names such as "type" or "train" would clash
-    with nn.ModuleDict's own attributes).
-    """
-
-    no_weight_decay: frozenset[str] = frozenset()  # parameter names the optimiser must not decay
-
-    def __init__(self, backbone: Backbone, tasks: list[Task]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.task_names = [t.name for t in tasks]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.backbone.parameters())
-
-    def task_parameters(self) -> list[nn.Parameter]:
-        shared = {id(p) for p in self.shared_parameters()}
-        return [p for p in self.parameters() if id(p) not in shared]
-
-    def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        shared = self.backbone(x)
-        return ModelOutput(self.decode(shared), shared)
-
-
-@ARCHITECTURES.register("hps")
-class HardSharing(Architecture):
-    """Hard parameter sharing: one backbone, one head per task on its features."""
-
-    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict) -> None:
-        super().__init__(backbone, tasks)
-        self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
-
-    def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(shared) for name, head in zip(self.task_names, self.heads)}
+from ...tasks import Task
+from ..backbones import Backbone
+from ..heads import build_head
+from .base import ARCHITECTURES, Architecture
 
 
 @dataclasses.dataclass

@@ -1,0 +1,68 @@
+"""Architectures: how the tasks share the network above (or inside) the backbone.
+
+An architecture returns, for a batch, each task's logits and the `shared` tensors: what its
+task-specific modules read from the trunk (the backbone's feature vector for hard sharing; every
+stage's output for MTAN). Every path from a shared parameter to a loss crosses them, so
+feature-space balancing methods differentiate the losses there and back-propagate one combined
+gradient into the trunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ...registry import Registry
+from ...tasks import Task
+from ..backbones import Backbone
+
+ARCHITECTURES: Registry = Registry("architecture")
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: dict[str, torch.Tensor]
+    shared: tuple[torch.Tensor, ...]  # what task-specific modules read from the trunk, batch first
+    trunk: tuple[torch.Tensor, ...]  # the same tensors on the trunk's side (differ when split)
+
+
+class Architecture(nn.Module):
+    """Base: a backbone plus task-specific modules; `shared_parameters()` are the trunk's.
+
+    Heads live in a ModuleList in task order (task names such as "type" or "train" would clash
+    with nn.ModuleDict's own attributes).
+    """
+
+    no_weight_decay: frozenset[str] = frozenset()  # parameter names the optimiser must not decay
+
+    def __init__(self, backbone: Backbone, tasks: list[Task]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.task_names = [t.name for t in tasks]
+        # When True (set by the trainer for feature-space gradient methods) task-specific modules
+        # read detached copies of the trunk tensors, so each loss can be differentiated with respect
+        # to every shared tensor directly, even when one shared tensor also feeds another.
+        self.split_shared = False
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trunk: every parameter upstream of the shared tensors."""
+        return list(self.backbone.parameters())
+
+    def cut(self, *trunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors task-specific modules should read in place of `trunk`."""
+        if not (self.split_shared and torch.is_grad_enabled()):
+            return trunk
+        return tuple(t.detach().requires_grad_() for t in trunk)
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        shared = {id(p) for p in self.shared_parameters()}
+        return [p for p in self.parameters() if id(p) not in shared]
+
+    def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        trunk = (self.backbone(x),)
+        shared = self.cut(*trunk)
+        return ModelOutput(self.decode(shared[0]), shared, trunk)
