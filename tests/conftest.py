@@ -13,6 +13,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """A config with `train.threads` sets the process's thread count; later tests get theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MTLVISION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 

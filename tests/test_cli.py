@@ -21,7 +21,19 @@ def run_cli(*args, check=True):
     return p
 
 
-@pytest.mark.parametrize("cmd", ["demo", "train", "evaluate", "predict", "list", "methods"])
+def _subcommands() -> list[str]:
+    import argparse
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(action.choices)
+
+
+def test_the_subcommand_list_is_complete():
+    assert set(_subcommands()) >= {"demo", "train", "evaluate", "predict", "list", "methods", "archs", "export",
+                                   "shards", "report", "affinity", "bench"}
+
+
+@pytest.mark.parametrize("cmd", _subcommands())
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([cmd, "--help"])

@@ -56,7 +56,8 @@ def test_utkface_folds_and_missing_labels(shared_data, tmp_path):
     data = build_data(cfg)
     s = data.streams[0]
     meta = np.concatenate([np.load(f)["fold"] for f in sorted((shared_data / "utkface_crop_part1").glob("all-*.npz"))])
-    dup = np.concatenate([np.load(f)["is_duplicate"] for f in sorted((shared_data / "utkface_crop_part1").glob("all-*.npz"))])
+    files = sorted((shared_data / "utkface_crop_part1").glob("all-*.npz"))
+    dup = np.concatenate([np.load(f)["is_duplicate"] for f in files])
     assert len(s.test) == int(((meta == 0) & ~dup).sum())
     assert (s.test.labels["gender"] == -1).sum() >= 0 and (s.train.labels["gender"] >= -1).all()
     assert data.task("age_group").classes[-1] == "60+"

@@ -673,7 +673,8 @@ def test_multimnist(tmp_path):
         # the top-left corner shows only the left digit, the bottom-right only the right digit
         corner = (len(left), 5, 5)
         np.testing.assert_array_equal(s.images[:, :5, :5, 0], np.broadcast_to(digit_value(left)[:, None, None], corner))
-        np.testing.assert_array_equal(s.images[:, -5:, -5:, 0], np.broadcast_to(digit_value(right)[:, None, None], corner))
+        np.testing.assert_array_equal(s.images[:, -5:, -5:, 0],
+                                      np.broadcast_to(digit_value(right)[:, None, None], corner))
         # where they overlap (the centre), the brighter digit wins
         np.testing.assert_array_equal(s.images[:, 14, 14, 0], digit_value(np.maximum(left, right)))
     assert (raw.train.labels["left"] != raw.train.labels["right"]).any()

@@ -224,3 +224,15 @@ def test_predict_rejects_float_arrays_and_bad_top_k(tiny_run):
         run.predict([np.zeros((32, 32, 3), np.uint8)], top_k=0)
     with pytest.raises(mtlvision.DataError, match="no such image file"):
         run.predict(["/nonexistent.png"])
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    import os
+    import stat
+
+    from mtlvision.storage import write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from .config import load_config
+from .data import build_data
 from .data.decode import decode
-from .data.loader import Normalize
+from .data.loader import Normalize, TensorImages
 from .data.sources.folder import IMAGE_EXTS
 from .errors import CheckpointError, DataError
 from .models import build_model
@@ -49,7 +50,8 @@ class Run:
         try:
             self.model.load_state_dict(best["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"{self.path / 'best.pt'} does not match {self.path / 'config.yaml'}: {exc}") from None
+            raise CheckpointError(
+                f"{self.path / 'best.pt'} does not match {self.path / 'config.yaml'}: {exc}") from None
         self.model.to(self.device).eval()
         self.normalize = Normalize(self.input["mean"], self.input["std"], self.device, channels_last=False)
 
@@ -96,6 +98,20 @@ class Run:
                     row[t.name] = [(t.classes[j], float(q)) for q, j in zip(p.tolist(), idx.tolist())]
                 results.append(row)
         return results
+
+    def load_split(self, split: str = "test") -> list[tuple[TensorImages, list[str]]]:
+        """Rebuild a split of the run's data from its config, as (images, task names) per input stream;
+        a DataError when the data now gives other tasks or classes than the checkpoint was trained on."""
+        data = build_data(self.config)
+        if [(t.name, t.classes) for t in data.tasks] != [(t.name, t.classes) for t in self.tasks]:
+            raise DataError(f"{self.path}: the data now gives tasks/classes that differ from the checkpoint")
+        return [(TensorImages(getattr(s, split), self.device), s.tasks) for s in data.streams]
+
+    def export_onnx(self, path: str | os.PathLike, opset: Optional[int] = None) -> dict[str, Any]:
+        """Write an ONNX graph (uint8 NHWC images in, logits per task out) and its JSON sidecar; see export.py."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, opset)
 
 
 def load(run_dir: str | os.PathLike, device: str = "cpu") -> Run:

@@ -42,6 +42,7 @@ class StepContext:
     # cross-rank statistics (e.g. a task Gramian) call it so every rank computes the same weights.
     all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     trunk: Optional[tuple[torch.Tensor, ...]] = None  # None: the same tensors as `shared`
+    world_size: int = 1  # data-parallel ranks `all_reduce` sums over
 
     def __post_init__(self) -> None:
         if isinstance(self.shared, torch.Tensor):
@@ -50,6 +51,10 @@ class StepContext:
             self.trunk = self.shared
         elif isinstance(self.trunk, torch.Tensor):
             self.trunk = (self.trunk,)
+
+    def mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` averaged across data-parallel ranks (`t` itself on one process)."""
+        return t if self.world_size == 1 else self.all_reduce(t) / self.world_size
 
     def shared_matrix(self) -> torch.Tensor:
         """The shared tensors, detached, as one (B, D) matrix (each flattened per example)."""
@@ -64,6 +69,9 @@ class Balancer(nn.Module):
     # True for methods that differentiate each loss with respect to `StepContext.shared`: the
     # trainer then asks the model to split its graph there (see `Architecture.split_shared`)
     needs_shared_features: bool = False
+    # True for methods whose `backward` leaves the shared parameters' gradients already averaged over
+    # data-parallel ranks (parameter-space gradient methods average J): the trainer averages the rest
+    shared_grads_reduced: bool = False
 
     def __init__(self, tasks: list[Task]) -> None:
         super().__init__()

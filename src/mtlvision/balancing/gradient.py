@@ -4,8 +4,9 @@ Two spaces, chosen per method with `space`:
 
 * `feature` (default; "MGDA-UB", Sener & Koltun 2018): J holds each task's gradient with respect to
   the shared representation (B x D; where an architecture's tasks read several trunk tensors, e.g.
-  MTAN's stage outputs, their per-example concatenation). It costs T backward passes through the task heads only, then ONE
-  backward through the trunk with the combined gradient: close to the price of an equal-weight step.
+  MTAN's stage outputs, their per-example concatenation). It costs T backward passes through the
+  task heads only, then ONE backward through the trunk with the combined gradient: close to the
+  price of an equal-weight step.
   It balances what the trunk receives through the representation, an upper-bound surrogate of the
   exact parameter-space problem. In multi-input runs every task owns different rows of the
   representation, so cross-task inner products are zero there; use `parameter` to see conflicts.
@@ -13,8 +14,13 @@ Two spaces, chosen per method with `space`:
   at the price of T backward passes through the trunk.
 
 Task-specific parameters (heads, and modules that only task heads read) always receive the plain sum
-of their own tasks' gradients. G is passed through `StepContext.all_reduce` before the weights are
-computed, so data-parallel ranks that sum their Gramians compute identical weights.
+of their own tasks' gradients.
+
+Data parallel (N ranks, each loss a mean over the rank's rows): in feature space each rank holds its
+own rows of the global J, scaled by 1/N, so the global G = Σ_r J_r J_rᵀ / N² is one all_reduce of
+the T x T Gramian (`StepContext.all_reduce`); each rank then back-propagates its local combined
+gradient and the trainer averages the trunk gradients. In parameter space the global J is the mean of
+the ranks' J: it is averaged before G is formed, so the trunk update is already the global one.
 """
 from __future__ import annotations
 
@@ -57,12 +63,22 @@ class GradientBalancer(Balancer):
         """True when the method differentiates the losses with respect to the shared tensors."""
         return self.space == "feature"
 
+    @property
+    def shared_grads_reduced(self) -> bool:  # type: ignore[override]
+        """Parameter space: the trunk update comes from the rank-averaged J, so it is global already."""
+        return self.space == "parameter"
+
     def weights(self, gramian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
     def _record_gramian(self, jacobian: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """G = J Jᵀ summed across ranks; kept for telemetry."""
-        gramian = ctx.all_reduce(jacobian @ jacobian.T)
+        """G = J Jᵀ of the global batch (feature space: Σ_r G_r / N², see the module docstring); kept
+        for telemetry."""
+        gramian = jacobian @ jacobian.T
+        if self.space == "feature":
+            gramian = ctx.all_reduce(gramian)
+            if ctx.world_size > 1:
+                gramian = gramian / ctx.world_size ** 2
         self.gramian = gramian.detach()
         return gramian
 
@@ -102,7 +118,7 @@ class GradientBalancer(Balancer):
                 rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                        for p, g in zip(shared_params, grads[:len(shared_params)])]))
                 task_grads.append(list(grads[len(shared_params):]))
-            update, w = self._combine(torch.stack(rows), ctx)
+            update, w = self._combine(ctx.mean_over_ranks(torch.stack(rows)), ctx)
             offset = 0
             for p in shared_params:
                 n = p.numel()

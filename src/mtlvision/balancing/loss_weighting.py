@@ -360,8 +360,8 @@ class FAMO(Balancer):
     deltas, which makes its logit's gradient exactly 0 and the others' gradient FAMO's gradient on the
     remaining tasks. If no task is present on both sides, xi is not updated that step.
 
-    Data parallel: the detached losses feeding c and delta are averaged over ranks with
-    ctx.all_reduce (absent ranks excluded), so every rank holds the same xi and weights.
+    Data parallel: the trainer hands every method the global batch's loss values (see
+    `training/distributed.py`), so every rank holds the same xi and weights.
     The official implementation also clips the shared gradient norm to 1 inside FAMO; here gradient
     clipping is the trainer's `train.grad_clip`, as for every method.
     """
@@ -422,9 +422,6 @@ class FAMO(Balancer):
         loss = _stack(losses, self.task_names)
         with torch.no_grad():
             now = loss.detach().to(self.xi.dtype)
-            present = (now != 0).to(now.dtype)
-            summed = ctx.all_reduce(torch.stack([now, present]))  # identity on one process
-            now = summed[0] / summed[1].clamp(min=1)
             self.update_logits(self.prev_losses, now)
             c = self.task_weights(torch.softmax(self.xi, dim=0), now)
             self.prev_losses.copy_(now)

@@ -82,22 +82,27 @@ class TrainLoader:
 
     The epoch's sample order and augmentation parameters come from generators seeded with
     (seed, stream, epoch): the same on every run and device, and cheap to regenerate on resume.
+    Data parallel: a global batch is `world_size` x `batch_size` consecutive rows of that order, and
+    rank r takes its r-th slice, so the ranks' batches are disjoint and together are exactly the
+    batch one process would take with `world_size` x `batch_size`.
     """
 
     def __init__(self, data: TensorImages, batch_size: int, seed: int, stream: int,
-                 augment: BatchAugment | None) -> None:
-        if len(data) < batch_size:
-            batch_size = len(data)
+                 augment: BatchAugment | None, rank: int = 0, world_size: int = 1) -> None:
+        if len(data) < batch_size * world_size:
+            batch_size = max(1, len(data) // world_size)
         self.data, self.batch_size, self.seed, self.stream, self.augment = data, batch_size, seed, stream, augment
+        self.rank, self.world_size = rank, world_size
         self._plan: tuple[int, int, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def natural_steps(self) -> int:
-        return max(1, len(self.data) // self.batch_size)
+        """Global batches in one pass over the stream."""
+        return max(1, len(self.data) // (self.batch_size * self.world_size))
 
     def _epoch_plan(self, epoch: int, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._plan is None or self._plan[:2] != (epoch, steps):
-            n, total = len(self.data), steps * self.batch_size
+            n, total = len(self.data), steps * self.batch_size * self.world_size
             laps = math.ceil(total / n)
             order = torch.cat([torch.randperm(n, generator=keyed_generator(self.seed, self.stream, epoch, k))
                                for k in range(laps)])[:total]
@@ -110,15 +115,18 @@ class TrainLoader:
 
     def batch(self, epoch: int, step: int, steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         order, params = self._epoch_plan(epoch, steps)
-        rows = slice(step * self.batch_size, (step + 1) * self.batch_size)
+        start = (step * self.world_size + self.rank) * self.batch_size
+        rows = slice(start, start + self.batch_size)
         x, y = self.data.take(order[rows])
         if self.augment is not None:
             x = self.augment(x, params[rows])
         return x, y
 
 
-def eval_batches(data: TensorImages, batch_size: int) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """Sequential batches of a whole split (no augmentation)."""
-    for start in range(0, len(data), batch_size):
-        end = min(start + batch_size, len(data))
+def eval_batches(data: TensorImages, batch_size: int, lo: int = 0, hi: int | None = None,
+                 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Sequential batches of rows [lo, hi) of a split (default: all of it; no augmentation)."""
+    hi = len(data) if hi is None else hi
+    for start in range(lo, hi, batch_size):
+        end = min(start + batch_size, hi)
         yield data.images[start:end], {k: v[start:end] for k, v in data.labels.items()}

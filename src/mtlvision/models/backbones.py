@@ -34,6 +34,24 @@ class Backbone(nn.Module):
             x = stage(x)
         return self.pool(x)
 
+    def stage_channels(self, probe_size: int = 64) -> list[int]:
+        """Channels of each stage's output, probed with one dummy forward in eval mode (running
+        statistics untouched); for architectures that build modules between the stages."""
+        conv = next((m for m in self.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise TypeError("stage_channels: the backbone has no Conv2d to read its input channels from")
+        x = torch.zeros(2, conv.in_channels, probe_size, probe_size, device=conv.weight.device,
+                        dtype=conv.weight.dtype)
+        was_training, channels = self.training, []
+        self.eval()
+        with torch.no_grad():
+            x = self.stem(x)
+            for stage in self.stages:
+                x = stage(x)
+                channels.append(x.shape[1])
+        self.train(was_training)
+        return channels
+
 
 @dataclasses.dataclass
 class ResNetParams:

@@ -57,8 +57,9 @@ def train_single_task_baselines(cfg: Config, out: Path, tasks: list[str], quiet:
     return dirs
 
 
-def attach_delta_m(out: Path, summary: dict[str, Any], stl_dirs: dict[str, str]) -> dict[str, Any]:
-    """Add per-task STL accuracies and Δm (test accuracy) to summary.json."""
+def attach_delta_m(out: Path, summary: dict[str, Any], stl_dirs: dict[str, str], write: bool = True,
+                   ) -> dict[str, Any]:
+    """Add per-task STL accuracies and Δm (test accuracy) to the summary (and summary.json when `write`)."""
     stl = {}
     for task in summary["tasks"]:
         if task not in stl_dirs:
@@ -73,5 +74,6 @@ def attach_delta_m(out: Path, summary: dict[str, Any], stl_dirs: dict[str, str])
     mtl = {t: m["test"]["accuracy"] for t, m in summary["tasks"].items()}
     summary["single_task"] = {"test_accuracy": stl, "runs": stl_dirs}
     summary["delta_m"] = round(delta_m(mtl, stl), 4)
-    write_json(out / "summary.json", summary)
+    if write:
+        write_json(out / "summary.json", summary)
     return summary

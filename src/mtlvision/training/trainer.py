@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation.evaluate import evaluate
 from ..models import build_model
 from ..storage import save_torch, write_json, write_text
+from . import distributed
 from .optim import build_optimizer, build_scheduler
 from .progress import ProgressReporter
 
@@ -78,16 +79,24 @@ def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 class Trainer:
-    """Trains one multi-task model into `out_dir` (or resumes the run found there)."""
+    """Trains one multi-task model into `out_dir` (or resumes the run found there).
+
+    Under torchrun every worker runs one Trainer on its own slice of each global batch (see
+    `distributed.py`); rank 0 alone writes the run directory. A worker that torchrun restarted after a
+    failure resumes from `out_dir`'s checkpoint when there is one, as if `resume` were given.
+    """
 
     def __init__(self, cfg: Config, out_dir: str | os.PathLike, resume: bool = False, quiet: bool = False) -> None:
-        self.cfg, self.out, self.resume = cfg, Path(out_dir), resume
+        tc = cfg.train
+        self.dist, self.device = distributed.setup(resolve_device(tc.device))
+        self.cfg, self.out = cfg, Path(out_dir)
+        # every rank resumes if any was restarted (torchrun's restart count is kept per node)
+        restarted = self.dist.any_rank(distributed.restart_count() > 0, self.device)
+        self.resume = resume = resume or (restarted and (self.out / "checkpoint.pt").is_file())
         if resume and not (self.out / "checkpoint.pt").is_file():
             raise CheckpointError(f"--resume {self.out}: no checkpoint.pt there")
         if not resume and (self.out / "checkpoint.pt").exists():
             raise CheckpointError(f"{self.out} already holds a run; use --resume {self.out} or another --out")
-        tc = cfg.train
-        self.device = resolve_device(tc.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.amp_dtype = torch.bfloat16 if (tc.precision == "bf16" or (
@@ -115,13 +124,17 @@ class Trainer:
         for i, s in enumerate(self.data.streams):
             flip = d.augment.flip and s.flip
             augment = BatchAugment(d.augment.crop_padding, flip) if (flip or d.augment.crop_padding) else None
-            self.loaders.append(TrainLoader(TensorImages(s.train, self.device), d.batch_size, cfg.seed, i, augment))
+            self.loaders.append(TrainLoader(TensorImages(s.train, self.device), d.batch_size, cfg.seed, i, augment,
+                                            self.dist.rank, self.dist.world_size))
         self.steps = max(ld.natural_steps for ld in self.loaders)
         self._shared_params = self.model.shared_parameters()
         self._task_params = self.model.task_parameters()
+        # gradients averaged over ranks after each backward (not the trunk's when the method did it)
+        self._averaged = [*self._task_params, *self.balancer.parameters(),
+                          *([] if self.balancer.shared_grads_reduced else self._shared_params)]
         self.optimizer = build_optimizer(tc, self.model, list(self.balancer.parameters()))
         self.scheduler = build_scheduler(tc, self.optimizer, self.steps)
-        self.progress = ProgressReporter(tc.epochs, self.steps, enabled=not quiet)
+        self.progress = ProgressReporter(tc.epochs, self.steps, enabled=not quiet and self.dist.is_main)
         self.start_epoch, self.wall_before = 0, 0.0
         self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
         self._tb: Any = None
@@ -137,7 +150,7 @@ class Trainer:
             "tasks": [t.to_dict() for t in self.tasks], "input": self.input_spec(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "balancer": self.balancer.state_dict(),
-            "balancer_extra": self.balancer.extra_state(),
+            "balancer_extra": self.balancer.extra_state(), "world_size": self.dist.world_size,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
@@ -148,6 +161,9 @@ class Trainer:
         diff = config_differences(ckpt["config"], self.cfg.to_dict())
         if diff:
             raise CheckpointError(f"{path} does not match the config; differing keys: {', '.join(diff[:12])}")
+        if ckpt.get("world_size", 1) != self.dist.world_size:  # the global batch, steps and schedule would change
+            raise CheckpointError(f"{path} was written by a run of {ckpt.get('world_size', 1)} process(es); "
+                                  f"resume it with as many (this is {self.dist.world_size})")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.balancer.load_state_dict(ckpt["balancer"])
@@ -161,7 +177,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.start_epoch, self.wall_before, self.best = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["best"]
         log = self.out / "metrics.jsonl"
-        if log.exists():  # keep lines up to the checkpoint (a crash can leave a later or a torn line)
+        # keep lines up to the checkpoint (a crash can leave a later or a torn line)
+        if self.dist.is_main and log.exists():
             kept = []
             for line in log.read_text().splitlines():
                 try:
@@ -206,14 +223,21 @@ class Trainer:
 
     def step_on(self, x: torch.Tensor, labels: dict[str, torch.Tensor], rows: dict[str, slice], epoch: int,
                 step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
-        """Forward -> task losses -> balanced backward -> optimiser and schedule step."""
+        """Forward -> task losses -> balanced backward -> optimiser and schedule step.
+
+        Data parallel: the returned losses hold the global batch's values, the logits this rank's rows.
+        """
         with self.autocast():
             out = self.forward(x)
         logits = {t.name: out.logits[t.name][rows[t.name]].float() for t in self.tasks}
         losses = {t.name: t.loss(logits[t.name], labels[t.name]) for t in self.tasks}
+        if self.dist.active:
+            losses = self.dist.global_losses(losses, {t.name: (labels[t.name] >= 0).sum() for t in self.tasks})
         self.optimizer.zero_grad(set_to_none=True)
-        ctx = StepContext(out.shared, self._shared_params, self._task_params, step, epoch, trunk=out.trunk)
+        ctx = StepContext(out.shared, self._shared_params, self._task_params, step, epoch, trunk=out.trunk,
+                          all_reduce=self.dist.all_reduce, world_size=self.dist.world_size)
         weights = self.balancer.backward(losses, ctx)
+        self.dist.average_gradients(self._averaged)
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -236,6 +260,7 @@ class Trainer:
         sums = torch.zeros(3, len(names), dtype=torch.float64, device=self.device)
         first_bad = torch.full((len(names),), -1, dtype=torch.long, device=self.device)
         log_every = max(1, self.cfg.train.log_every)
+        self.dist.seed_epoch(self.cfg.seed, epoch)
         self.progress.start_epoch(epoch)
         t0, seen = time.perf_counter(), 0
         stats: Metrics = {}
@@ -249,10 +274,12 @@ class Trainer:
                 count = mask.sum(1)
                 sums += torch.stack([loss * count, correct.sum(1), count])
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            seen += n
+            seen += n * self.dist.world_size
             if (step + 1) % log_every == 0 or step + 1 == self.steps:
                 stats = self._read(sums, first_bad, names, epoch)
                 self.progress.update(epoch, step + 1, stats, seen / (time.perf_counter() - t0))
+                if not self.dist.is_main:
+                    continue
                 gstep = epoch * self.steps + step + 1
                 for name in names:
                     self.tb.add_scalar(f"train_loss/{name}", stats[name]["loss"], gstep)
@@ -280,14 +307,15 @@ class Trainer:
                 f"task {culprits[0]!r}: loss became NaN/inf in epoch {epoch + 1} at step {at + 1}{also}; stopped. "
                 f"The last good checkpoint is kept at {self.out / 'checkpoint.pt'} "
                 "(try a lower train.lr or train.grad_clip)")
-        s = sums.cpu()
+        s = self.dist.all_reduce(sums).cpu()
         cnt = s[2].clamp(min=1)
         return {n: {"loss": (s[0, i] / cnt[i]).item(), "accuracy": (s[1, i] / cnt[i]).item()}
                 for i, n in enumerate(names)}
 
     def _evaluate(self, splits: list[tuple[TensorImages, list[str]]]) -> Metrics:
         return evaluate(self.model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
-                        self.autocast)
+                        self.autocast, (self.dist.rank, self.dist.world_size),
+                        self.dist.all_reduce if self.dist.active else None)
 
     @staticmethod
     def _score(metrics: Metrics) -> float:
@@ -299,15 +327,17 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             self._restore()
-        else:
+        elif self.dist.is_main:
             self._clear_stale()
-        write_text(self.out / "config.yaml", save_config(self.cfg))
+        if self.dist.is_main:
+            write_text(self.out / "config.yaml", save_config(self.cfg))
         n_params = sum(p.numel() for p in self.model.parameters())
         streams = self.data.streams
         self.progress.message(
             f"{len(self.tasks)} task(s) {[t.name for t in self.tasks]}  |  {n_params / 1e6:.2f}M parameters  |  "
             f"{sum(len(s.train) for s in streams)} train / {sum(len(s.val) for s in streams)} val / "
-            f"{sum(len(s.test) for s in streams)} test images  |  device {self.device}")
+            f"{sum(len(s.test) for s in streams)} test images  |  device {self.device}"
+            + (f" x {self.dist.world_size} ranks" if self.dist.active else ""))
         t_start = time.perf_counter()
         rates = []
         try:
@@ -315,31 +345,40 @@ class Trainer:
                 train_stats, rate = self._train_epoch(epoch)
                 rates.append(rate)
                 self.balancer.epoch_end(epoch, {n: s["loss"] for n, s in train_stats.items()})
+                self.dist.average_buffers(self.model)
                 val = self._evaluate(self.val_sets)
                 score = self._score(val)
                 is_best = score > self.best["score"]
                 wall = self.wall_before + time.perf_counter() - t_start
                 if is_best:
                     self.best = {"epoch": epoch, "score": score}
-                    save_torch(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch,
-                                                      "tasks": [t.to_dict() for t in self.tasks],
-                                                      "input": self.input_spec(), "config": self.cfg.to_dict()})
-                line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
-                        "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
-                        "train": train_stats, "val": val, "balancing": self.telemetry}
-                with (self.out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(line) + "\n")
-                for n, m in val.items():
-                    for k, v in m.items():
-                        if k != "count":
-                            self.tb.add_scalar(f"val_{k}/{n}", v, (epoch + 1) * self.steps)
-                save_torch(self.out / "checkpoint.pt", self._state(epoch, wall))
+                if self.dist.is_main:
+                    self._save_epoch(epoch, wall, rate, train_stats, val, is_best)
+                self.dist.barrier()  # no rank goes on (or may be restarted) before the checkpoint is on disk
                 self.progress.end_epoch(epoch, train_stats, val, rate, is_best)
         finally:
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
         return self.finish(self.wall_before + time.perf_counter() - t_start, rates)
+
+    def _save_epoch(self, epoch: int, wall: float, rate: float, train_stats: Metrics, val: Metrics,
+                    is_best: bool) -> None:
+        """best.pt (when the epoch is the best), its metrics.jsonl line and TensorBoard scalars, then checkpoint.pt."""
+        if is_best:
+            save_torch(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch,
+                                              "tasks": [t.to_dict() for t in self.tasks],
+                                              "input": self.input_spec(), "config": self.cfg.to_dict()})
+        line = {"epoch": epoch, "step": (epoch + 1) * self.steps, "wall_time_s": round(wall, 3),
+                "images_per_s": round(rate, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "train": train_stats, "val": val, "balancing": self.telemetry}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        for n, m in val.items():
+            for k, v in m.items():
+                if k != "count":
+                    self.tb.add_scalar(f"val_{k}/{n}", v, (epoch + 1) * self.steps)
+        save_torch(self.out / "checkpoint.pt", self._state(epoch, wall))
 
     def finish(self, wall: float, rates: list[float]) -> dict[str, Any]:
         """Evaluate the best (validation-selected) weights on val and test; write summary.json."""
@@ -353,12 +392,27 @@ class Trainer:
             "best_epoch": best["epoch"], "epochs": self.cfg.train.epochs, "wall_time_s": round(wall, 2),
             "train_images_per_s": round(float(np.mean(rates)), 1) if rates else None,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "device": str(self.device), "balancing": self.cfg.balancing.get("method"),
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "device": str(self.device), "world_size": self.dist.world_size,
+            "balancing": self.cfg.balancing.get("method"),
             "architecture": self.cfg.model.architecture.get("name"),
             "skipped_images": {"count": len(self.data.skipped), "files": self.data.skipped[:50]},
         }
-        write_json(self.out / "summary.json", summary)
+        if self.dist.is_main:
+            write_json(self.out / "summary.json", summary)
+        self.dist.barrier()  # baselines and Δm read it next
         return summary
+
+
+def peak_memory_mb(device: torch.device) -> Optional[float]:
+    """Peak memory of this process: allocated GPU memory on CUDA, else the resident set size (RSS)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def default_out_dir(cfg: Config) -> Path:
@@ -367,16 +421,23 @@ def default_out_dir(cfg: Config) -> Path:
 
 def train(config: Config | dict | str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
           resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run; with `baselines.single_task`, also the single-task runs and Δm."""
+    """Train (or resume) a run; with `baselines.single_task`, also the single-task runs and Δm.
+
+    Under torchrun every worker calls this with the same arguments (see `distributed.py`).
+    """
     from .baselines import attach_delta_m, check_baseline_runs, train_single_task_baselines
 
     cfg = as_config(config)
     out = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
     check_baseline_runs(cfg)
-    summary = Trainer(cfg, out, resume=resume, quiet=quiet).fit()
-    stl_dirs = dict(cfg.baselines.runs)
-    if cfg.baselines.single_task:
-        stl_dirs.update(train_single_task_baselines(cfg, out, list(summary["tasks"]), quiet))
-    if stl_dirs:
-        summary = attach_delta_m(out, summary, stl_dirs)
+    try:
+        trainer = Trainer(cfg, out, resume=resume, quiet=quiet)
+        summary = trainer.fit()
+        stl_dirs = dict(cfg.baselines.runs)
+        if cfg.baselines.single_task:
+            stl_dirs.update(train_single_task_baselines(cfg, out, list(summary["tasks"]), quiet))
+        if stl_dirs:
+            summary = attach_delta_m(out, summary, stl_dirs, write=trainer.dist.is_main)
+    finally:
+        distributed.shutdown()
     return summary

@@ -20,6 +20,16 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 
 
 @dataclasses.dataclass
+class EncodedSample:
+    """One image file, not decoded: what `mtlvision shards` packs byte for byte."""
+
+    where: str  # for messages: the file (or archive:member), plus the CSV line for csv
+    file: str  # the image's path (or archive:member)
+    read: Callable[[], bytes]
+    labels: dict[str, int]  # task -> class index, -1 = missing
+
+
+@dataclasses.dataclass
 class FolderParams:
     path: str  # holds train/ and test/ folders, or train.tar.gz and test.tar.gz
     train: str = "train"
@@ -65,7 +75,8 @@ class ImageFolderSource(Source):
     def inputs(self) -> list[Path]:
         return [existing_path(self.params.path, "data.source.path")]
 
-    def load(self) -> SourceData:
+    def samples(self) -> tuple[list[Task], dict[str, list[EncodedSample]]]:
+        """The task and every split's files with their labels, not decoded."""
         p = self.params
         root = existing_path(p.path, "data.source.path")
         listings = {s: _list_split(root, getattr(p, s)) for s in ("train", "test")}
@@ -80,15 +91,20 @@ class ImageFolderSource(Source):
                             f"(only in train: {only_tr}; only in test: {only_te})")
         names = classes["train"]
         index = {c: i for i, c in enumerate(names)}
+        return [Task(p.task, names, flip_ok=p.flip_ok)], {
+            s: [EncodedSample(n, n, r, {p.task: index[c]}) for c, n, r in items] for s, items in listings.items()}
+
+    def load(self) -> SourceData:
+        p = self.params
+        tasks, splits = self.samples()
         skipped: list[str] = []
         sets = {}
-        for s, items in listings.items():
-            imgs, kept = decode_all([(n, r) for _, n, r in items], self.image_size, p.channels,
+        for s, items in splits.items():
+            imgs, kept = decode_all([(x.where, x.read) for x in items], self.image_size, p.channels,
                                     p.skip_corrupt, skipped)
-            labels = np.array([index[items[i][0]] for i in kept], np.int64)
+            labels = np.array([items[i].labels[p.task] for i in kept], np.int64)
             sets[s] = ImageSet(imgs, {p.task: labels})
-        return SourceData([Task(p.task, names, flip_ok=p.flip_ok)], sets["train"], sets["test"],
-                          skipped=skipped)
+        return SourceData(tasks, sets["train"], sets["test"], skipped=skipped)
 
 
 @dataclasses.dataclass
@@ -132,11 +148,12 @@ class CsvSource(Source):
         paths = [existing_path(p.images, "data.source.images"), existing_path(p.csv, "data.source.csv")]
         return paths + ([existing_path(p.test_csv, "data.source.test_csv")] if p.test_csv else [])
 
-    def load(self) -> SourceData:
+    def _table(self) -> tuple[list[Task], dict[str, str], dict[str, list[tuple[Path, int, dict[str, str]]]]]:
+        """Tasks, task -> column, and each split's (csv path, line, row), checked except for label values."""
         p = self.params
         specs = {n: CsvTask() for n in p.tasks} if isinstance(p.tasks, list) else p.tasks
         columns = {name: s.column or name for name, s in specs.items()}
-        img_root = existing_path(p.images, "data.source.images")
+        existing_path(p.images, "data.source.images")  # checked before any CSV is read
         csv_path = existing_path(p.csv, "data.source.csv")
         needed = list(columns.values()) + ([p.split_column] if p.split_column and not p.test_csv else [])
         rows = {"train": [(csv_path, n, r) for n, r in _read_rows(csv_path, p.image_column, needed)]}
@@ -164,29 +181,54 @@ class CsvSource(Source):
             seen = sorted({r[col].strip() for s, rs in rows.items() if s != "test" for _, _, r in rs} - {""})
             classes = spec.classes or seen
             tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
+        return tasks, columns, rows
+
+    def samples(self) -> tuple[list[Task], dict[str, list[EncodedSample]]]:
+        """The tasks and every split's files with their labels, not decoded."""
+        tasks, columns, rows = self._table()
+        img_root = existing_path(self.params.images, "data.source.images")
+        indexes = [{c: i for i, c in enumerate(t.classes)} for t in tasks]
+        splits = {}
+        for s, rs in rows.items():
+            splits[s] = []
+            for path, line, r in rs:
+                where, f, read = _file(img_root, self.params.image_column, path, line, r)
+                labels = {t.name: _label(t, index, columns[t.name], path, line, r) for t, index in zip(tasks, indexes)}
+                splits[s].append(EncodedSample(where, str(f), read, labels))
+        return tasks, splits
+
+    def load(self) -> SourceData:
+        p = self.params
+        tasks, columns, rows = self._table()
+        img_root = existing_path(p.images, "data.source.images")
         skipped: list[str] = []
         sets = {}
         for s, rs in rows.items():
-            items = []
-            for path, line, r in rs:
-                f = img_root / r[p.image_column].strip()
-                items.append((f"{f} ({path.name} line {line})", f.read_bytes if f.is_file() else _missing(f, path, line)))
+            items = [(where, read) for where, _, read in (_file(img_root, p.image_column, *row) for row in rs)]
             imgs, kept = decode_all(items, self.image_size, p.channels, p.skip_corrupt, skipped)
             labels = {}
             for t in tasks:
                 index = {c: i for i, c in enumerate(t.classes)}
-                vals = np.empty(len(kept), np.int64)
-                for j, i in enumerate(kept):
-                    path, line, r = rs[i]
-                    v = r[columns[t.name]].strip()
-                    if v and v not in index:
-                        raise DataError(f"{path} line {line}: task {t.name!r} value {v!r} is not a known class; "
-                                        f"expected one of {t.classes} (the training rows' values unless the "
-                                        "task declares classes) or an empty cell for missing")
-                    vals[j] = index[v] if v else MISSING
-                labels[t.name] = vals
+                labels[t.name] = np.array([_label(t, index, columns[t.name], *rs[i]) for i in kept], np.int64)
             sets[s] = ImageSet(imgs, labels)
         return SourceData(tasks, sets["train"], sets["test"], sets.get("val"), skipped=skipped)
+
+
+def _file(img_root: Path, image_column: str, path: Path, line: int, row: dict[str, str],
+          ) -> tuple[str, Path, Callable[[], bytes]]:
+    """(where, image path, reader) of one row; the reader of a missing file raises naming the row."""
+    f = img_root / row[image_column].strip()
+    return f"{f} ({path.name} line {line})", f, f.read_bytes if f.is_file() else _missing(f, path, line)
+
+
+def _label(t: Task, index: dict[str, int], column: str, path: Path, line: int, row: dict[str, str]) -> int:
+    """The class index of one CSV cell (empty = missing), or an error naming the file and line."""
+    v = row[column].strip()
+    if v and v not in index:
+        raise DataError(f"{path} line {line}: task {t.name!r} value {v!r} is not a known class; "
+                        f"expected one of {t.classes} (the training rows' values unless the "
+                        "task declares classes) or an empty cell for missing")
+    return index[v] if v else MISSING
 
 
 def _missing(f: Path, csv_path: Path, line: int) -> Callable[[], bytes]:

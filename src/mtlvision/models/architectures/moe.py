@@ -1,0 +1,410 @@
+r"""Mixture-of-experts architectures on any registered backbone: MMoE, CGC, PLE and DSelect-k.
+
+Image design, shared by the four: the backbone's `stem` and first `split` stages form a shared
+bottom h(x) (a feature map); every expert is an independently re-initialised copy of the remaining
+stages and the `pool` (deep copy, then `reset_parameters()` on each submodule that has one, so no two
+experts start equal; zero-init residuals and pretrained weights stay in the bottom only), mapping h(x)
+to a vector in R^D (D = backbone.out_dim); a gate reads the global-average-pooled bottom features
+GAP(h(x)) in R^C (features, not pixels) and gives one weight per expert; heads read the gated mixture
+of expert outputs, in R^D.
+
+Shared representation (see `Architecture.cut`): everything whose output reaches more than one task's
+loss is trunk (`shared_parameters()`); the tensors it hands to task-specific modules are the shared
+tensors, which feature-space gradient methods differentiate each loss with respect to.
+
+* MMoE, DSelect-k: trunk = bottom + experts; shared = (GAP(h(x)) (B, C), stacked expert outputs (B, K, D)).
+* CGC: trunk = bottom + shared experts; shared = (h(x) (B, C, H, W), stacked shared-expert outputs);
+  the task-specific experts read h(x), so they are downstream of the cut.
+* PLE with L levels: every level but the last feeds all tasks (its shared gate mixes every expert into
+  the next level's shared input), so it is trunk, with the last level's shared experts; shared = (each
+  task's input to the last level, T maps (B, C, H, W), stacked last-level shared-expert outputs).
+  With one level this is CGC's cut.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...tasks import Task
+from ..backbones import Backbone
+from ..heads import build_head
+from .base import ARCHITECTURES, Architecture, ModelOutput
+
+WHERE = "model.architecture"
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{WHERE}.{name}: expected an integer >= {low}, got {value}")
+
+
+def _resolve_split(split: Optional[int], n_stages: int, default: int) -> int:
+    """Number of backbone stages in the shared bottom: 0 <= split < n_stages (one stage at least is left
+    for the experts); None means `default`."""
+    split = default if split is None else split
+    if not 0 <= split < n_stages:
+        raise ConfigError(f"{WHERE}.split: expected 0 <= split <= {n_stages - 1} (the backbone has {n_stages} "
+                          f"stages; the experts need one at least), got {split}")
+    return split
+
+
+def _in_channels(stage: nn.Module) -> int:
+    """Input channels of a backbone stage: those of its first Conv2d."""
+    conv = next((m for m in stage.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ConfigError(f"{WHERE}: the mixture-of-experts architectures need convolutional backbone stages "
+                          f"(no Conv2d found in {type(stage).__name__})")
+    return conv.in_channels
+
+
+def _bottom(backbone: Backbone, split: int) -> Backbone:
+    """The shared bottom: stem + stages[:split], no pool; its `out_dim` is its output channels."""
+    bottom = Backbone(backbone.stem, list(backbone.stages[:split]), nn.Identity(), _in_channels(backbone.stages[split]))
+    if not any(True for _ in bottom.parameters()):
+        raise ConfigError(f"{WHERE}.split: {split} leaves the shared bottom without parameters (this backbone's stem "
+                          "has none), so the gates would read raw pixels; use split >= 1")
+    return bottom
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with every submodule that has `reset_parameters` re-initialised."""
+    clone = copy.deepcopy(module)
+    for m in clone.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return clone
+
+
+def _experts(parts: list[nn.Module], n: int) -> nn.ModuleList:
+    """`n` experts, each a fresh copy of the modules `parts` in sequence."""
+    return nn.ModuleList([nn.Sequential(*(_fresh_copy(p) for p in parts)) for _ in range(n)])
+
+
+def _run_experts(experts: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Stacked expert outputs (B, n, ...)."""
+    return torch.stack([e(x) for e in experts], 1)
+
+
+def _pool(h: torch.Tensor) -> torch.Tensor:
+    """Gate input: global average pool of a feature map (B, C, H, W) -> (B, C)."""
+    return h.mean((2, 3))
+
+
+def _mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i E_i: weights (B, n), experts (B, n, ...) -> (B, ...)."""
+    return torch.einsum("bn,bn...->b...", weights.to(experts.dtype), experts)
+
+
+class SoftmaxGate(nn.Module):
+    """w(x) = softmax(W x) over `experts` (MMoE, CGC, PLE; no bias, as in the papers' formulas)."""
+
+    def __init__(self, in_dim: int, experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).softmax(-1)
+
+
+def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """S(t) = 0 for t <= -γ/2, 1 for t >= γ/2, -2t³/γ³ + 3t/(2γ) + 1/2 between (exactly 0/1 outside)."""
+    poly = (-2 / gamma**3) * t**3 + (3 / (2 * gamma)) * t + 0.5
+    return torch.where(t <= -gamma / 2, torch.zeros_like(t), torch.where(t >= gamma / 2, torch.ones_like(t), poly))
+
+
+class _AddPenalty(torch.autograd.Function):
+    """Identity on `x` whose backward also back-propagates the scalar `penalty` with gradient 1."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        ctx.penalty_dtype = penalty.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones((), dtype=ctx.penalty_dtype, device=grad.device)
+
+
+class DSelectKGate(nn.Module):
+    r"""Per-example DSelect-k gate (Hazimeh et al., NeurIPS 2021) over n = 2^m experts.
+
+    k single-expert selectors; selector i has m = log2(n) binary-code logits z^(i)(x) and picks expert j
+    with weight r_j(z^(i)) = Π_l [b_l(j) S(z^(i)_l) + (1 - b_l(j)) (1 - S(z^(i)_l))], b_l(j) the l-th bit of
+    j (so Σ_j r_j = 1). The gate is q(x) = Σ_i softmax(α(x))_i r(z^(i)(x)); α(x) and z(x) are linear
+    (with bias) in the gate input, initialised as in the authors' code (z: U(±γ/100), α: U(±0.05)).
+    Once every S(z) is exactly 0 or 1 each selector is one-hot, so at most k experts have nonzero weight.
+
+    Entropy regulariser (`entropy_reg` = λ > 0, training only): λ · mean_b Σ_i H(r^(i)(x_b)), with
+    H(r) = -Σ_j r_j log(r_j + 1e-6), pushes the selectors to one-hot. The trainer's losses come from the
+    logits alone, so its gradient is added in the backward pass through the gate's weights: each
+    backward of this task's loss adds ∇λH to the gate's own parameters (once per step, as every balancing
+    method differentiates each task loss once). It is computed on the detached gate input, so the trunk
+    and the gradient methods' Jacobians never see it. The authors' code sums over the batch instead of
+    averaging (their λ is ours divided by the batch size).
+    """
+
+    def __init__(self, in_dim: int, experts: int, k: int, gamma: float, entropy_reg: float = 0.0) -> None:
+        super().__init__()
+        self.k, self.bits, self.gamma, self.entropy_reg = k, experts.bit_length() - 1, gamma, entropy_reg
+        self.z = nn.Linear(in_dim, k * self.bits)
+        self.alpha = nn.Linear(in_dim, k)
+        nn.init.uniform_(self.z.weight, -gamma / 100, gamma / 100)
+        nn.init.uniform_(self.z.bias, -gamma / 100, gamma / 100)
+        nn.init.uniform_(self.alpha.weight, -0.05, 0.05)
+        nn.init.uniform_(self.alpha.bias, -0.05, 0.05)
+        codes = (torch.arange(experts)[:, None] >> torch.arange(self.bits)) & 1  # (n, m): bit l of expert j
+        self.register_buffer("codes", codes.bool(), persistent=False)
+
+    def selectors(self, x: torch.Tensor) -> torch.Tensor:
+        """The single-expert selectors' outputs r (B, k, n), each row summing to one."""
+        s = smooth_step(self.z(x).view(-1, self.k, 1, self.bits), self.gamma)
+        return torch.where(self.codes, s, 1 - s).prod(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert weights q (B, n)."""
+        weights = torch.einsum("bk,bkn->bn", self.alpha(x).softmax(-1), self.selectors(x))
+        if self.entropy_reg > 0 and self.training and torch.is_grad_enabled():
+            r = self.selectors(x.detach())
+            penalty = -self.entropy_reg * (r * torch.log(r + 1e-6)).sum((1, 2)).mean()
+            weights = _AddPenalty.apply(weights, penalty)
+        return weights
+
+
+class _MixtureOfExperts(Architecture):
+    """Base: forward and `gate_weights` from one `_run`; gate parameters are not weight-decayed."""
+
+    @property
+    def no_weight_decay(self) -> frozenset[str]:  # type: ignore[override]
+        """Gate parameters: decay would pull softmax gates towards uniform and keep DSelect-k from saturating."""
+        return frozenset(f"{name}.{p}" for name, m in self.named_modules()
+                         if isinstance(m, (SoftmaxGate, DSelectKGate)) for p, _ in m.named_parameters())
+
+    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return self._run(x)[0]
+
+    @torch.no_grad()
+    def gate_weights(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each gate's expert weights (B, n_experts) for a batch, keyed by task (PLE adds its lower levels'
+        gates as "level{j}/{task}" and "level{j}/(shared)"); every row sums to one."""
+        return self._run(x)[1]
+
+
+class _GatedExperts(_MixtureOfExperts):
+    """K experts shared by every task, one gate per task on GAP(h(x)): MMoE and DSelect-k."""
+
+    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict, experts: int, split: Optional[int],
+                 gate: Callable[[int], nn.Module]) -> None:
+        split = _resolve_split(split, len(backbone.stages), len(backbone.stages) - 1)
+        bottom = _bottom(backbone, split)
+        super().__init__(bottom, tasks)
+        self.experts = _experts([*backbone.stages[split:], backbone.pool], experts)
+        self.gates = nn.ModuleList([gate(bottom.out_dim) for _ in tasks])
+        self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [*self.backbone.parameters(), *self.experts.parameters()]
+
+    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+        h = self.backbone(x)
+        trunk = (_pool(h), _run_experts(self.experts, h))
+        gate_in, experts = self.cut(*trunk)
+        gates = {name: gate(gate_in) for name, gate in zip(self.task_names, self.gates)}
+        logits = {name: head(_mix(gates[name], experts)) for name, head in zip(self.task_names, self.heads)}
+        return ModelOutput(logits, (gate_in, experts), trunk), gates
+
+
+@dataclasses.dataclass
+class MMoEParams:
+    experts: int = 4  # K
+    split: Optional[int] = None  # backbone stages in the shared bottom; None: all but the last
+
+    def __post_init__(self) -> None:
+        _at_least("experts", self.experts, 1)
+
+
+@ARCHITECTURES.register("mmoe", params=MMoEParams)
+class MMoE(_GatedExperts):
+    r"""MMoE (Ma et al., KDD 2018): K experts shared by all tasks, a softmax gate per task on the features.
+
+        g^t(x) = softmax(W_t GAP(h(x)))                  W_t in R^{K x C}
+        y_t    = head_t( Σ_i g^t(x)_i f_i(h(x)) )
+
+    As in the paper, a gate reads what the experts read (here the bottom's features, pooled); LibMTL's
+    image version reads the flattened image.
+    """
+
+    def __init__(self, p: MMoEParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+        super().__init__(backbone, tasks, head, p.experts, p.split, lambda c: SoftmaxGate(c, p.experts))
+
+
+@dataclasses.dataclass
+class DSelectKParams:
+    experts: int = 4  # n, a power of two (binary codes of log2(n) bits)
+    k: int = 2  # single-expert selectors per task: at most k experts per example once converged
+    gamma: float = 1.0  # width of the smooth-step's cubic region
+    entropy_reg: float = 0.0  # λ of the selectors' entropy regulariser (0: off, the authors' default)
+    split: Optional[int] = None  # backbone stages in the shared bottom; None: all but the last
+
+    def __post_init__(self) -> None:
+        if self.experts < 2 or self.experts & (self.experts - 1):
+            raise ConfigError(f"{WHERE}.experts: DSelect-k needs a power of two >= 2 (2, 4, 8, ...), "
+                              f"got {self.experts}")
+        if not 1 <= self.k <= self.experts:
+            raise ConfigError(f"{WHERE}.k: expected 1 <= k <= experts ({self.experts}), got {self.k}")
+        if self.gamma <= 0:
+            raise ConfigError(f"{WHERE}.gamma: expected > 0, got {self.gamma}")
+        if self.entropy_reg < 0:
+            raise ConfigError(f"{WHERE}.entropy_reg: expected >= 0, got {self.entropy_reg}")
+
+
+@ARCHITECTURES.register("dselect-k", params=DSelectKParams)
+class DSelectK(_GatedExperts):
+    r"""DSelect-k (Hazimeh et al., NeurIPS 2021): MMoE with a sparse, differentiable per-example gate.
+
+        y_t = head_t( Σ_j q^t(x)_j f_j(h(x)) ),   q^t: `DSelectKGate` on GAP(h(x))
+
+    `entropy_reg` > 0 adds the authors' optional entropy regulariser on the selectors (see `DSelectKGate`):
+    without it the smooth-step outputs often reach exactly 0/1 in training, but a nearly converged soft
+    mixture has a vanishing gradient and can stall short of it. Left out: the authors' penalty keeping
+    selectors off non-existent experts when n is not a power of two (so n must be one).
+    """
+
+    def __init__(self, p: DSelectKParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+        super().__init__(backbone, tasks, head, p.experts, p.split,
+                         lambda c: DSelectKGate(c, p.experts, p.k, p.gamma, p.entropy_reg))
+
+
+class _ExtractionLevel(nn.Module):
+    """One extraction network: `task_experts` experts per task and `shared_experts` shared ones, a gate
+    per task over [its own experts, the shared experts], and (below the last level) a shared gate over
+    all experts."""
+
+    def __init__(self, parts: list[nn.Module], in_channels: int, tasks: int, task_experts: int,
+                 shared_experts: int, shared_gate: bool) -> None:
+        super().__init__()
+        self.task_experts = nn.ModuleList([_experts(parts, task_experts) for _ in range(tasks)])
+        self.shared_experts = _experts(parts, shared_experts)
+        self.task_gates = nn.ModuleList([SoftmaxGate(in_channels, task_experts + shared_experts)
+                                         for _ in range(tasks)])
+        self.shared_gate = SoftmaxGate(in_channels, tasks * task_experts + shared_experts) if shared_gate else None
+
+    def tasks(self, inputs: list[torch.Tensor], shared: torch.Tensor,
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per task: its experts' stacked outputs, its gate weights and its mixture g^k = w^k S^k."""
+        own = [_run_experts(experts, x) for x, experts in zip(inputs, self.task_experts)]
+        weights = [gate(_pool(x)) for x, gate in zip(inputs, self.task_gates)]
+        mixed = [_mix(w, torch.cat([o, shared], 1)) for w, o in zip(weights, own)]
+        return own, weights, mixed
+
+
+class _Extraction(_MixtureOfExperts):
+    """Task-specific and shared experts in `levels` extraction networks: CGC (one level) and PLE."""
+
+    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict, levels: int, task_experts: int,
+                 shared_experts: int, split: Optional[int]) -> None:
+        n = len(backbone.stages)
+        if levels > n:
+            raise ConfigError(f"{WHERE}.levels: expected at most {n} (one backbone stage per level), got {levels}")
+        split = _resolve_split(split, n, n - levels)
+        if levels > n - split:
+            raise ConfigError(f"{WHERE}.levels: expected at most len(stages) - split = {n - split} (one stage "
+                              f"per level), got {levels}")
+        super().__init__(_bottom(backbone, split), tasks)
+        q, r = divmod(n - split, levels)  # consecutive stage groups, the first r one stage longer
+        bounds = [split + j * q + min(j, r) for j in range(levels + 1)]
+        groups = [list(backbone.stages[a:b]) for a, b in zip(bounds, bounds[1:])]
+        groups[-1].append(backbone.pool)
+        self.levels = nn.ModuleList([
+            _ExtractionLevel(group, _in_channels(group[0]), len(tasks), task_experts, shared_experts,
+                             shared_gate=j < levels - 1) for j, group in enumerate(groups)])
+        self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [*self.backbone.parameters(), *self.levels[:-1].parameters(),
+                *self.levels[-1].shared_experts.parameters()]
+
+    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+        h = self.backbone(x)
+        n_tasks, gates = len(self.task_names), {}
+        inputs, shared_in = [h] * n_tasks, h
+        for j, level in enumerate(self.levels[:-1], 1):
+            shared = _run_experts(level.shared_experts, shared_in)
+            own, weights, inputs = level.tasks(inputs, shared)
+            w_shared = level.shared_gate(_pool(shared_in))
+            shared_in = _mix(w_shared, torch.cat([*own, shared], 1))
+            gates.update({f"level{j}/{name}": w for name, w in zip(self.task_names, weights)})
+            gates[f"level{j}/(shared)"] = w_shared
+        last = self.levels[-1]
+        trunk = ((h,) if len(self.levels) == 1 else tuple(inputs)) + (_run_experts(last.shared_experts, shared_in),)
+        cut = self.cut(*trunk)
+        inputs = [cut[0]] * n_tasks if len(self.levels) == 1 else list(cut[:-1])
+        _, weights, mixed = last.tasks(inputs, cut[-1])
+        gates.update(zip(self.task_names, weights))
+        logits = {name: head(m) for name, head, m in zip(self.task_names, self.heads, mixed)}
+        return ModelOutput(logits, cut, trunk), gates
+
+
+@dataclasses.dataclass
+class CGCParams:
+    shared_experts: int = 2  # m_s
+    task_experts: int = 1  # m_k, per task
+    split: Optional[int] = None  # backbone stages in the shared bottom; None: all but the last
+
+    def __post_init__(self) -> None:
+        _at_least("shared_experts", self.shared_experts, 1)
+        _at_least("task_experts", self.task_experts, 1)
+
+
+@ARCHITECTURES.register("cgc", params=CGCParams)
+class CGC(_Extraction):
+    r"""CGC (Tang et al., RecSys 2020): shared experts plus task-specific ones; each task gates its own and the shared.
+
+        S^k(x) = [E_(k,1), ..., E_(k,m_k), E_(s,1), ..., E_(s,m_s)]     expert outputs on h(x)
+        g^k(x) = softmax(W_g^k GAP(h(x))) S^k(x),   y_k = head_k(g^k(x))
+
+    Unlike LibMTL's CGC (whose task experts of one task are one module repeated), every expert here has
+    its own parameters.
+    """
+
+    def __init__(self, p: CGCParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+        super().__init__(backbone, tasks, head, 1, p.task_experts, p.shared_experts, p.split)
+
+
+@dataclasses.dataclass
+class PLEParams:
+    levels: int = 2  # extraction networks; the backbone stages above `split` are divided among them
+    shared_experts: int = 2  # m_s per level
+    task_experts: int = 1  # m_k per task and level
+    split: Optional[int] = None  # backbone stages in the shared bottom; None: len(stages) - levels
+
+    def __post_init__(self) -> None:
+        _at_least("levels", self.levels, 1)
+        _at_least("shared_experts", self.shared_experts, 1)
+        _at_least("task_experts", self.task_experts, 1)
+
+
+@ARCHITECTURES.register("ple", params=PLEParams)
+class PLE(_Extraction):
+    r"""PLE (Tang et al., RecSys 2020): CGC extraction networks stacked, with a shared gate between levels.
+
+        g^{k,j}(x) = w^{k,j}(g^{k,j-1}(x)) S^{k,j}(x)        task k's input to level j+1 (g^{k,0} = h(x))
+        g^{s,j}(x) = w^{s,j}(g^{s,j-1}(x)) S^{s,j}(x)        shared input to level j+1, j < L
+
+    w^{·,j}(z) = softmax(W GAP(z)); S^{k,j} stacks task k's and the shared experts of level j (task k's
+    read g^{k,j-1}, the shared read g^{s,j-1}); S^{s,j} stacks every expert of level j. The experts of
+    level j are copies of the j-th group of consecutive backbone stages above `split` (the last group
+    with the pool); the last level is a CGC without shared gate and y_k = head_k(g^{k,L}). LibMTL's
+    image PLE has no shared gate (its shared experts read each task's input); this follows the paper.
+    """
+
+    def __init__(self, p: PLEParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+        super().__init__(backbone, tasks, head, p.levels, p.task_experts, p.shared_experts, p.split)

@@ -1,0 +1,34 @@
+"""Results in the terminal (rich tables) and as report pages (`mtlvision report`): a self-contained
+report.html and a report.md with its PNGs, for a run directory or a bench directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..errors import MTLVisionError
+from .tables import print_results, results_table
+
+
+def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+                 device: str = "cpu") -> dict[str, Path]:
+    """Report a run directory (config.yaml) or a bench directory (results.csv) into `out`
+    (default PATH/report); returns {"html": ..., "markdown": ...}. Plotting modules load only here."""
+    from .document import write_report as write
+
+    src = Path(path)
+    if not src.is_dir():
+        raise MTLVisionError(f"{src}: no such directory")
+    dest = Path(out) if out is not None else src / "report"
+    if (src / "results.csv").is_file():
+        from .bench_report import build_bench_report
+
+        return write(build_bench_report(src, dest), dest)
+    if (src / "config.yaml").is_file():
+        from .run_report import build_run_report
+
+        return write(build_run_report(src, device), dest)
+    raise MTLVisionError(f"{src}: neither a run directory (no config.yaml) nor a bench directory (no results.csv)")
+
+
+__all__ = ["print_results", "results_table", "write_report"]
