@@ -36,7 +36,25 @@ STEPS = 3
 GRADIENT = ["mgda", "pcgrad", "cagrad", "nash_mtl", "upgrad", "gradnorm"]
 CASES = ([("equal", {}), ("uw", {}), ("famo", {}), ("gls", {}), ("rlw", {}), ("imtl_l", {}),
           ("graddrop", {}), ("db_mtl", {})]
-         + [(m, {"space": s}) for m in GRADIENT for s in ("feature", "parameter")])
+         + [(m, {"space": s}) for m in GRADIENT for s in ("feature", "parameter")]
+         # several shared tensors (the graph is split at each of them)
+         + [("mgda", {"space": "feature", "arch": "mtan"}), ("graddrop", {"arch": "mmoe"}),
+            # labels missing unevenly across ranks (a rank with none of a task's labels at step 0)
+            ("equal", {"missing": True}), ("famo", {"missing": True}),
+            ("mgda", {"space": "parameter", "missing": True})])
+
+
+def _case(method: str, params: dict) -> str:
+    return "-".join([method, params.get("space", ""), *[k for k in ("arch", "missing") if k in params]])
+
+
+def _drop_labels(tr: Trainer) -> None:
+    """Task 1 loses labels: step 0 all of rank 1's rows, step 1 three of rank 1's, step 2 five of rank 0's."""
+    order, _ = tr.loaders[0]._epoch_plan(0, tr.steps)
+    labels = tr.loaders[0].data.labels[tr.tasks[1].name]
+    g = 2 * B  # the global batch
+    for rows in (order[B:g], order[g + B:g + B + 3], order[2 * g:2 * g + 5]):
+        labels[rows] = -1
 
 
 def _cfg(batch_size: int, balancing: dict, **over) -> dict:
@@ -54,7 +72,12 @@ def _steps(batch_size: int, out: Path) -> dict:
     """Every case: STEPS training steps on fresh weights (BatchNorm in eval mode, see the module docstring)."""
     results = {}
     for method, params in CASES:
-        tr = Trainer(load_config(data=_cfg(batch_size, {"method": method, **params})), out, quiet=True)
+        cfg = _cfg(batch_size, {"method": method, **{k: v for k, v in params.items() if k == "space"}})
+        if "arch" in params:
+            cfg["model"]["architecture"] = {"name": params["arch"]}
+        tr = Trainer(load_config(data=cfg), out, quiet=True)
+        if params.get("missing"):
+            _drop_labels(tr)
         evaluated = tr._evaluate(tr.val_sets) if method == "equal" else None  # on the initial weights
         tr.model.train()
         for m in tr.model.modules():
@@ -62,7 +85,7 @@ def _steps(batch_size: int, out: Path) -> dict:
                 m.eval()
         weights = [tr.train_step(0, step)[3] for step in range(STEPS)]
         params_now = torch.cat([p.detach().reshape(-1) for p in [*tr.model.parameters(), *tr.balancer.parameters()]])
-        results[f"{method}-{params.get('space', '')}"] = {"weights": weights, "params": params_now,
+        results[_case(method, params)] = {"weights": weights, "params": params_now,
                                                           "eval": evaluated, "steps": tr.steps}
     return results
 
@@ -87,7 +110,7 @@ def runs(tmp_path_factory):
     return ranks[0], ranks[1], _steps(2 * B, tmp / "unused"), tmp
 
 
-@pytest.mark.parametrize("case", [f"{m}-{p.get('space', '')}" for m, p in CASES])
+@pytest.mark.parametrize("case", [_case(m, p) for m, p in CASES])
 def test_ranks_agree_and_equal_one_process_on_the_global_batch(runs, case):
     r0, r1, single, _ = runs
     a, b, ref = r0[case], r1[case], single[case]
