@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from mtlvision.balancing import StepContext, build_balancer
+from mtlvision.balancing import METHODS, StepContext, build_balancer
 from mtlvision.config import ModelConfig, load_config
 from mtlvision.errors import ConfigError
 from mtlvision.models import build_model
-from mtlvision.models.architectures.moe import DSelectKGate
+from mtlvision.models.architectures.moe import DSelectKGate, smooth_step
 from mtlvision.tasks import Task
 from mtlvision.training.optim import build_optimizer
 from mtlvision.training.trainer import train
@@ -89,6 +89,25 @@ def test_every_gate_sums_to_one(arch):
         torch.testing.assert_close(w.sum(-1), torch.ones(len(x)), msg=name)
 
 
+@pytest.mark.parametrize("arch", ARCHS, ids=IDS)
+def test_gate_weights_leave_the_model_as_it_was(arch):
+    """A diagnostic in train mode: no BatchNorm running statistics move, every module keeps its mode, and the
+    weights are those of an eval-mode forward pass."""
+    model = _model(arch)
+    x, _ = _batch()
+    model.backbone.stages[0][1].eval()  # a module in another mode than the model's keeps it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gates = model.gate_weights(x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and model.heads[0].training and not model.backbone.stages[0][1].training
+    model.eval()
+    with torch.no_grad():
+        expect = model._run(x)[1]
+    assert set(gates) == set(expect)
+    for name, w in gates.items():
+        torch.testing.assert_close(w, expect[name])
+
+
 def test_experts_are_independently_initialised():
     model = _model(ARCHS[0])
     first = [p.detach() for p in model.experts[0].parameters() if p.ndim > 1]
@@ -141,6 +160,44 @@ def test_entropy_regulariser_reaches_only_the_gate_parameters():
     torch.testing.assert_close(grads[1][1], grads[0][1] + expect)
     reg.eval()
     torch.testing.assert_close(reg(x), plain(x))
+
+
+def test_smooth_step_is_the_papers():
+    """S(t) = 0 / 1 outside [-γ/2, γ/2], -2t³/γ³ + 3t/(2γ) + 1/2 inside: continuous, flat at both ends, S(0) = 1/2."""
+    gamma = 2.0
+    t = torch.tensor([-5.0, -1.0, -0.5, 0.0, 0.5, 1.0, 5.0], requires_grad=True)
+    s = smooth_step(t, gamma)
+    torch.testing.assert_close(s.detach(), torch.tensor([0.0, 0.0, 0.15625, 0.5, 0.84375, 1.0, 1.0]))
+    (grad,) = torch.autograd.grad(s.sum(), t)
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 0.5625, 0.75, 0.5625, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_entropy_regulariser_is_applied_once_per_step(method):
+    """Whatever the balancing method (one backward, or one autograd.grad per task, in feature or parameter
+    space), each gate's parameters get ∇(λ mean_b Σ_i H) exactly once, and the trunk's gradients do not change."""
+    x, y = _batch(5)
+    x = x * 3
+    models = []
+    for reg in (0.0, 0.1):
+        model = _model({"name": "dselect-k", "entropy_reg": reg})
+        balancer = build_balancer({"method": method}, TASKS)
+        model.split_shared = getattr(balancer, "needs_shared_features", False)
+        out = model(x)
+        losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
+        balancer.backward(losses, StepContext(out.shared, model.shared_parameters(), model.task_parameters(), 0, 0,
+                                              trunk=out.trunk))
+        models.append((model, out))
+    (plain, out), (reg, _) = models
+    for p, q in zip(plain.shared_parameters(), reg.shared_parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    for gate_plain, gate_reg in zip(plain.gates, reg.gates):
+        r = gate_plain.selectors(out.shared[0].detach())
+        penalty = -0.1 * (r * torch.log(r + 1e-6)).sum((1, 2)).mean()
+        expect = torch.autograd.grad(penalty, [gate_plain.z.weight, gate_plain.z.bias])
+        assert expect[0].abs().sum() > 0
+        for p, q, e in zip([gate_plain.z.weight, gate_plain.z.bias], [gate_reg.z.weight, gate_reg.z.bias], expect):
+            torch.testing.assert_close(q.grad - p.grad, e, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=IDS)

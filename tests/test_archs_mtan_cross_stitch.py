@@ -134,6 +134,28 @@ def test_feature_space_method_gives_the_trunk_the_combined_gradient(arch):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
 
 
+EVERY = [{"name": n} for n in ARCHITECTURES.names()] + [{"name": "dselect-k", "entropy_reg": 0.1},
+                                                        {"name": "ple", "levels": 1}]
+
+
+@pytest.mark.parametrize("arch", EVERY, ids=lambda a: "-".join(map(str, a.values())))
+def test_split_graph_reaches_shared_parameters_only_through_the_trunk(arch):
+    """split_shared, train mode: the backward of the task losses alone gives every task parameter a gradient and no
+    shared parameter one (no trunk path bypasses the cut); the backward of the trunk tensors reaches every shared
+    parameter and no task parameter (shared_parameters() is exactly what lies upstream of the cut)."""
+    x, y = _batch(4)
+    model = _model(arch)
+    model.split_shared = True
+    out = model(x)
+    shared, task = model.shared_parameters(), model.task_parameters()
+    assert len({id(p) for p in shared}) == len(shared) and len(shared) + len(task) == len(list(model.parameters()))
+    torch.autograd.backward(list(_losses(out, y).values()), retain_graph=True)
+    assert all(p.grad is None for p in shared) and all(p.grad is not None for p in task)
+    model.zero_grad(set_to_none=True)
+    torch.autograd.backward(list(out.trunk), [torch.randn_like(t) for t in out.trunk])
+    assert all(p.grad is not None for p in shared) and all(p.grad is None for p in task)
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: "-".join(map(str, a.values())))
 def test_state_dict_round_trip(arch):
     a, b = _model(arch, seed=0), _model(arch, seed=1)

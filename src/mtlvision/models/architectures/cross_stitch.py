@@ -50,9 +50,10 @@ class CrossStitch(Architecture):
     alpha starts at alpha_same on the diagonal and alpha_diff / (T - 1) off it (the paper's best
     initialisation, 0.9 / 0.1, extended to T tasks so each row stays a convex combination); with
     alpha = I the model is T independent networks. The copies are deep copies of the configured
-    backbone, so they start identical (including `pretrained` weights), as the paper's networks
-    start from the same ImageNet model; the heads differ, so the copies diverge from the first step.
-    Differences from the paper: stitches follow every stage (its AlexNet had them after the pooling
+    backbone, so they start identical (including `pretrained` weights); the heads differ, so the
+    copies diverge from the first step. Differences from the paper: its networks start from one-task
+    networks fine-tuned on each task (train single-task runs first to reproduce that), stitches
+    follow every stage here (its AlexNet had them after the pooling
     and fully connected layers), and alpha trains at the model's learning rate (the paper scales
     its rate up 10^2-10^3; the optimiser here has one rate) and without weight decay.
 

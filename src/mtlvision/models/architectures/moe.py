@@ -145,8 +145,9 @@ class DSelectKGate(nn.Module):
     logits alone, so its gradient is added in the backward pass through the gate's weights: each
     backward of this task's loss adds ∇λH to the gate's own parameters (once per step, as every balancing
     method differentiates each task loss once). It is computed on the detached gate input, so the trunk
-    and the gradient methods' Jacobians never see it. The authors' code sums over the batch instead of
-    averaging (their λ is ours divided by the batch size).
+    and the gradient methods' Jacobians never see it. GradNorm, which scales task-side gradients by its
+    task weights, scales this one too; in multi-input runs the mean runs over every stream's rows. The
+    authors' code sums over the batch instead of averaging (their λ is ours divided by the batch size).
     """
 
     def __init__(self, in_dim: int, experts: int, k: int, gamma: float, entropy_reg: float = 0.0) -> None:
@@ -194,8 +195,17 @@ class _MixtureOfExperts(Architecture):
     @torch.no_grad()
     def gate_weights(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each gate's expert weights (B, n_experts) for a batch, keyed by task (PLE adds its lower levels'
-        gates as "level{j}/{task}" and "level{j}/(shared)"); every row sums to one."""
-        return self._run(x)[1]
+        gates as "level{j}/{task}" and "level{j}/(shared)"); every row sums to one.
+
+        Computed in eval mode, as at inference (BatchNorm running statistics, no dropout), so the call
+        leaves the model as it was: in train mode the forward pass would update the running statistics."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            return self._run(x)[1]
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 class _GatedExperts(_MixtureOfExperts):
