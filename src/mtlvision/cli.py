@@ -77,7 +77,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if names != [t.name for t in run.tasks] or any(
             a.classes != b.classes for a, b in zip(data.tasks, run.tasks)):
         raise MTLVisionError(f"{args.run_dir}: the data now gives tasks/classes that differ from the checkpoint")
-    splits = [(TensorImages(getattr(s, args.split), run.device), s.tasks) for s in data.streams]
+    splits = [(TensorImages(s.split(args.split), run.device), s.tasks) for s in data.streams]
     metrics = evaluate(run.model, splits, run.tasks, run.normalize, run.config.data.eval_batch_size,
                           contextlib.nullcontext)
     result = {"split": args.split, "best_epoch": run.best_epoch, "tasks": metrics}

@@ -105,7 +105,7 @@ class Run:
         data = build_data(self.config)
         if [(t.name, t.classes) for t in data.tasks] != [(t.name, t.classes) for t in self.tasks]:
             raise DataError(f"{self.path}: the data now gives tasks/classes that differ from the checkpoint")
-        return [(TensorImages(getattr(s, split), self.device), s.tasks) for s in data.streams]
+        return [(TensorImages(s.split(split), self.device), s.tasks) for s in data.streams]
 
     def export_onnx(self, path: str | os.PathLike, opset: Optional[int] = None) -> dict[str, Any]:
         """Write an ONNX graph (uint8 NHWC images in, logits per task out) and its JSON sidecar; see export.py."""

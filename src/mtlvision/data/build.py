@@ -12,7 +12,8 @@ from ..errors import ConfigError, DataError
 from ..tasks import MISSING, Task
 from .arrays import ImageSet
 from .cache import default_cache_root, load_source
-from .sources import SOURCES, SourceData
+from .sources import SOURCES, Source, SourceData
+from .stream import ShardStream, check_stream, stream_of
 
 
 @dataclasses.dataclass
@@ -21,10 +22,26 @@ class Stream:
 
     name: str
     tasks: list[str]
-    train: ImageSet
+    train: Optional[ImageSet]  # None when the training split streams from shards (`streamed`)
     val: ImageSet
     test: ImageSet
     flip: bool  # horizontal flips keep every task's label valid
+    streamed: Optional[ShardStream] = None
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train) if self.streamed is None else self.streamed.samples
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:]) if self.streamed is None else self.streamed.image_shape
+
+    def split(self, name: str) -> ImageSet:
+        """The decoded split `name` (train, val or test); a streamed training split is not decoded."""
+        if name == "train" and self.streamed is not None:
+            raise DataError(f"the {self.name} stream's training split is streamed from {self.streamed.root}, not "
+                            "decoded (data.source.stream: true); use the val or test split")
+        return getattr(self, name)
 
 
 @dataclasses.dataclass
@@ -37,13 +54,14 @@ class DataBundle:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.streams[0].train.images.shape[1:])  # type: ignore[return-value]
+        return self.streams[0].image_shape  # type: ignore[return-value]
 
     def task(self, name: str) -> Task:
         return next(t for t in self.tasks if t.name == name)
 
 
-def _derive(data: SourceData, name: str, spec: DeriveConfig) -> None:
+def _derive(data: SourceData, name: str, spec: DeriveConfig) -> np.ndarray:
+    """Add task `name` to `data`; returns its class map from the source task (last slot: missing -> missing)."""
     if name in [t.name for t in data.tasks]:
         raise ConfigError(f"data.derive.{name}: the source already has a task named {name!r}; "
                           "give the derived task another name")
@@ -64,6 +82,7 @@ def _derive(data: SourceData, name: str, spec: DeriveConfig) -> None:
     for split in (data.train, data.val, data.test):
         if split is not None:
             split.labels[name] = mapping[split.labels[spec.source]]
+    return mapping
 
 
 def _split_val(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -82,17 +101,18 @@ def _limit(s: ImageSet, n: Optional[int], seed: int) -> ImageSet:
     return s.subset(np.sort(np.random.default_rng(seed).permutation(len(s))[:n]))
 
 
-def _load(spec: dict[str, Any], where: str, cfg: Config) -> SourceData:
+def _load(spec: dict[str, Any], where: str, cfg: Config) -> tuple[SourceData, Source]:
     spec = dict(spec)
     name = spec.pop("name", None)
     if name is None:
         raise ConfigError(f"{where}.name: required key is missing; valid sources: {', '.join(SOURCES.names())}")
     params = SOURCES.parse_params(name, spec, where)
     source = SOURCES.build(name, params, image_size=cfg.data.image_size)
+    check_stream(source, where, cfg.data)
     root = None
     if cfg.data.cache:
         root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_root()
-    return load_source(name, source, cfg.data.image_size, cfg.data.channels, root)
+    return load_source(name, source, cfg.data.image_size, cfg.data.channels, root), source
 
 
 def build_data(cfg: Config) -> DataBundle:
@@ -105,10 +125,11 @@ def build_data(cfg: Config) -> DataBundle:
     skipped: list[str] = []
     known: set[str] = set()  # every task of every source, derived and disabled ones included
     for stream_name, (where, spec) in specs.items():
-        data = _load(spec, where, cfg)
+        data, source = _load(spec, where, cfg)
+        maps = {}  # derived task -> (source task, class map), in order: a streamed split maps each batch
         for name, dspec in d.derive.items():
             if dspec.source in [t.name for t in data.tasks]:
-                _derive(data, name, dspec)
+                maps[name] = (dspec.source, _derive(data, name, dspec))
         names = [t.name for t in data.tasks]
         clash = sorted(set(names) & {t.name for t in tasks})
         if clash:
@@ -121,6 +142,7 @@ def build_data(cfg: Config) -> DataBundle:
         active = [t for t in data.tasks if cfg.tasks.get(t.name) is None or cfg.tasks[t.name].enabled]
         if not active:
             continue
+        # streamed: the source gives a val split, and its `train` is only the statistics sample
         train, val = (data.train, data.val) if data.val is not None else _split_val(
             data.train, d.val_fraction, cfg.seed)
         train, test = _limit(train, d.limit_train, cfg.seed), _limit(data.test, d.limit_test, cfg.seed)
@@ -130,8 +152,9 @@ def build_data(cfg: Config) -> DataBundle:
             if len(s) == 0:
                 raise DataError(f"{where}: the {split} split is empty")
             sets[split] = ImageSet(s.images, {k: s.labels[k] for k in keep})
-        streams.append(Stream(stream_name, keep, sets["train"], sets["validation"], sets["test"],
-                              flip=all(t.flip_ok for t in active)))
+        streamed = stream_of(source, d, keep, maps, sets["train"])
+        streams.append(Stream(stream_name, keep, sets["train"] if streamed is None else None, sets["validation"],
+                              sets["test"], flip=all(t.flip_ok for t in active), streamed=streamed))
         tasks.extend(active)
         skipped.extend(data.skipped)
     for name, dspec in d.derive.items():
@@ -142,11 +165,14 @@ def build_data(cfg: Config) -> DataBundle:
         raise ConfigError(f"tasks: unknown task(s) {unknown}; the data provides {sorted(known)}")
     if not tasks:
         raise ConfigError("tasks: every task is disabled; enable at least one")
-    shapes = {s.name: tuple(s.train.images.shape[1:]) for s in streams}
+    shapes = {s.name: s.image_shape for s in streams}
     if len(set(shapes.values())) > 1:
         raise ConfigError(f"multi-input sources have different image shapes {shapes}; "
                           "set data.image_size and data.channels to adapt them to one spec")
-    mean, std = _channel_stats([s.train for s in streams])
+    if streams[0].streamed is not None:  # a streamed split is the only stream
+        mean, std = streams[0].streamed.mean, streams[0].streamed.std
+    else:
+        mean, std = _channel_stats([s.train for s in streams])
     return DataBundle(tasks, streams, mean, std, skipped)
 
 

@@ -307,20 +307,24 @@ class ShardReader(torch.utils.data.IterableDataset):
     Yields `(images, labels)`: images uint8 (B, H, W, C), or (B, C, H, W) with `channels_first`; labels
     {task: int64 (B,)}, -1 = missing. Call `set_epoch(e)` before each epoch (workers must not be persistent,
     so they see it). Each worker ends with one short batch unless `drop_last`. See the module docstring for
-    how shards are split across ranks and workers and what `drop_uneven` guarantees.
+    how shards are split across ranks and workers and what `drop_uneven` guarantees. `hold_out` leaves the
+    split's last shards out (a validation split held out by whole shards, see `data.source.val_shards`).
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int = 128,
                  image_size: Optional[int] = None, channels: int = 3, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, drop_uneven: bool = False,
-                 drop_last: bool = False, channels_first: bool = False) -> None:
+                 drop_last: bool = False, channels_first: bool = False, hold_out: int = 0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
         if batch_size < 1 or shuffle_buffer < 1 or channels not in (1, 3):
             raise DataError(f"batch_size {batch_size} and shuffle_buffer {shuffle_buffer}: expected >= 1; "
                             f"channels {channels}: expected 1 or 3")
         self.index = ShardIndex.load(root)
-        self.split, self.shards = split, self.index.shards(split)
+        shards = self.index.shards(split)
+        if not 0 <= hold_out < len(shards):
+            raise DataError(f"hold_out {hold_out}: expected 0 <= hold_out < {len(shards)} ({split} shards)")
+        self.split, self.shards = split, shards[:len(shards) - hold_out]
         self.batch_size, self.image_size, self.channels = batch_size, image_size, channels
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer

@@ -18,6 +18,7 @@ from ..balancing.base import gradient_stats
 from ..config import Config, as_config, save_config
 from ..data import build_data
 from ..data.loader import BatchAugment, Normalize, TensorImages, TrainLoader
+from ..data.stream import StreamLoader
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from ..evaluation.evaluate import evaluate
 from ..models import build_model
@@ -124,6 +125,10 @@ class Trainer:
         for i, s in enumerate(self.data.streams):
             flip = d.augment.flip and s.flip
             augment = BatchAugment(d.augment.crop_padding, flip) if (flip or d.augment.crop_padding) else None
+            if s.streamed is not None:
+                self.loaders.append(StreamLoader(s.streamed, d.batch_size, cfg.seed, i, augment, self.dist.rank,
+                                                 self.dist.world_size, self.device, tc.epochs))
+                continue
             self.loaders.append(TrainLoader(TensorImages(s.train, self.device), d.batch_size, cfg.seed, i, augment,
                                             self.dist.rank, self.dist.world_size))
         self.steps = max(ld.natural_steps for ld in self.loaders)
@@ -175,6 +180,9 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        # normalise with the statistics the run started with (its input spec), as predict and export do
+        self.data.mean, self.data.std = ckpt["input"]["mean"], ckpt["input"]["std"]
+        self.normalize = Normalize(self.data.mean, self.data.std, self.device, self.cfg.train.channels_last)
         self.start_epoch, self.wall_before, self.best = ckpt["epoch"] + 1, ckpt["wall_time_s"], ckpt["best"]
         log = self.out / "metrics.jsonl"
         # keep lines up to the checkpoint (a crash can leave a later or a torn line)
@@ -335,7 +343,8 @@ class Trainer:
         streams = self.data.streams
         self.progress.message(
             f"{len(self.tasks)} task(s) {[t.name for t in self.tasks]}  |  {n_params / 1e6:.2f}M parameters  |  "
-            f"{sum(len(s.train) for s in streams)} train / {sum(len(s.val) for s in streams)} val / "
+            f"{sum(s.train_size for s in streams)} train{' (streamed)' if streams[0].streamed else ''} / "
+            f"{sum(len(s.val) for s in streams)} val / "
             f"{sum(len(s.test) for s in streams)} test images  |  device {self.device}"
             + (f" x {self.dist.world_size} ranks" if self.dist.active else ""))
         t_start = time.perf_counter()
