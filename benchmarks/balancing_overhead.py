@@ -17,6 +17,7 @@ Example:  python benchmarks/balancing_overhead.py --tasks 3 10 --json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -54,10 +55,15 @@ def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str) ->
     return Trainer(cfg, out, quiet=True)
 
 
-def kind(method: str, space: str) -> str:
+def spec_for(method: str, space: str) -> dict[str, Any]:
+    """The method with `space` where it takes one (GradDrop and DB-MTL have a fixed space)."""
     entry = METHODS.get(method)
-    is_gradient = isinstance(entry.factory, type) and issubclass(entry.factory, GradientBalancer)
-    return f"gradient/{space}" if is_gradient else "loss"
+    fields = {f.name for f in dataclasses.fields(entry.params)} if entry.params else set()
+    return {"method": method, **({"space": space} if "space" in fields else {})}
+
+
+def kind(balancer: Any) -> str:
+    return f"gradient/{balancer.space}" if isinstance(balancer, GradientBalancer) else "loss"
 
 
 def j_mib(tr: Trainer, tasks: int, k: str) -> float:
@@ -74,12 +80,8 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
         tr = make_trainer(tasks, multi, args, tmp)
         balancers = {"equal": tr.balancer}
         for m in args.methods:
-            if m == "equal":
-                continue
-            spec = {"method": m}
-            if kind(m, "feature") != "loss":
-                spec["space"] = args.space
-            balancers[m] = build_balancer(spec, tr.tasks).to(tr.device)
+            if m != "equal":
+                balancers[m] = build_balancer(spec_for(m, args.space), tr.tasks).to(tr.device)
         pos = {"step": 0}
 
         def runner(balancer):
@@ -104,7 +106,7 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
         times = interleave(variants, args.rounds)
         rows = []
         for m in balancers:
-            k = kind(m, args.space)
+            k = kind(balancers[m])
             r = ratio_stats(times[m], times["equal"])
             goal = None if k in ("gradient/parameter",) else GOALS["loss"] if k == "loss" else \
                 GOALS["feature-multi"] if multi else GOALS["feature"]
