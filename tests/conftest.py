@@ -9,15 +9,17 @@ import torch
 
 SHARED_DATA = Path(os.environ.get("MTLVISION_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
-def _keep_thread_count():
-    """A config with `train.threads` sets the process's thread count; later tests get theirs back."""
-    threads = torch.get_num_threads()
+def _thread_count():
+    """Every test starts with THREADS threads: a config with `train.threads` (also in a module-scoped
+    fixture, set up before this one) changes the whole process's count, and float results depend on it."""
+    torch.set_num_threads(THREADS)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -20,13 +20,10 @@ SPECS = [{"method": "uw"}, {"method": "uw", "regulariser": "log_var"}, {"method"
          {"method": "famo"}, {"method": "famo", "optimizer": "sgd", "lr": 0.5}]
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _one_thread():
-    """These problems are tiny: a thread pool only adds contention (restored afterwards)."""
-    threads = torch.get_num_threads()
+    """These problems are tiny: a thread pool only adds contention (conftest restores the count)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ctx(epoch: int = 0, step: int = 0, **kw) -> StepContext:

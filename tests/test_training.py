@@ -65,7 +65,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     straight = train(load_config(cfg_path), tmp_path / "straight", quiet=True)
 
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as in here
     proc = subprocess.Popen([sys.executable, "-m", "mtlvision", "train", str(cfg_path), "--out", str(run),
                              "--set", "train.log_every=1"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
