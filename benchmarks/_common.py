@@ -2,6 +2,7 @@
 statistics, the table/JSON report and a description of the environment."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import json
@@ -28,6 +29,17 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def add_timing_args(ap: "argparse.ArgumentParser", steps: int = 3, warmup: int = 2, rounds: int = 3) -> None:
+    """The options every alternating-round benchmark takes: steps per round, warm-up, rounds, device,
+    threads, --json."""
+    ap.add_argument("--steps", type=int, default=steps, help=f"steps per variant per round (default {steps})")
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps first (default {warmup})")
+    ap.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds per variant (default {rounds})")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def interleave(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:

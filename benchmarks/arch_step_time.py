@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from typing import Any
 
-from _common import default_threads, environment, interleave, ratio_stats  # also registers bench-random
+from _common import add_timing_args, environment, interleave, ratio_stats  # also registers bench-random
 
 from mtlvision.config import load_config
 from mtlvision.models import ARCHITECTURES
@@ -48,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=2)
     ap.add_argument("--method", default="equal")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="steps per round per architecture")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=default_threads())
-    ap.add_argument("--json", action="store_true")
+    add_timing_args(ap)
     args = ap.parse_args(argv)
     if args.backbone == "smallcnn":
         args.width = int(args.width)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from _common import default_threads, environment, interleave, ratio_stats  # also registers bench-random
+from _common import add_timing_args, environment, interleave, ratio_stats  # also registers bench-random
 
 from mtlvision.balancing import METHODS, build_balancer
 from mtlvision.balancing.gradient import GradientBalancer
@@ -126,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--space", choices=["feature", "parameter"], default="feature")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="steps per round per method")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=default_threads())
-    ap.add_argument("--json", action="store_true")
+    add_timing_args(ap)
     args = ap.parse_args(argv)
     if "equal" not in args.methods:
         args.methods = ["equal", *args.methods]
