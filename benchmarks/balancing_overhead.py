@@ -9,7 +9,7 @@ the median per-round ratio method/EW. Goals (issue): loss weighting <= 1.05, fea
 methods <= 1.3 (single-input) and <= 1.2 (multi-input); parameter-space methods are reported (LibMTL's
 gradient methods cost 3.3x EW at T=3 on this kind of CPU). "J MiB" is the extra memory held for the
 per-task gradients (T x B x D floats in feature space, T x trunk parameters in parameter space); on a
-GPU the peak CUDA memory per method is also printed.
+GPU the peak CUDA memory per method is also printed (on the CPU, `balancing_memory.py` measures it).
 
 Example:  python benchmarks/balancing_overhead.py --tasks 3 10 --json
           python benchmarks/balancing_overhead.py --width 0.25 --methods equal mgda pcgrad --space parameter
@@ -35,7 +35,7 @@ from mtlvision.training.trainer import Trainer
 GOALS = {"loss": 1.05, "feature": 1.3, "feature-multi": 1.2}
 
 
-def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str) -> Trainer:
+def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str, method: str = "equal") -> Trainer:
     batch = max(8, args.batch_size // tasks) if multi else args.batch_size
     steps = args.steps + args.warmup
     classes = [10 if i % 2 == 0 else 2 for i in range(tasks)]
@@ -51,6 +51,7 @@ def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str) ->
                   "architecture": {"name": "task-features", "feature_dim": 128}},
         "train": {"epochs": 1000, "lr": 0.01, "schedule": "constant", "device": args.device,
                   "threads": args.threads, "log_every": 10**6},
+        "balancing": spec_for(method, args.space),
     })
     return Trainer(cfg, out, quiet=True)
 
@@ -87,6 +88,7 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
         def runner(balancer):
             def run() -> None:
                 tr.balancer = balancer
+                tr.model.split_shared = balancer.needs_shared_features  # as the trainer sets it
                 for _ in range(args.steps):
                     tr.train_step(0, pos["step"] % tr.steps)
                     pos["step"] += 1
