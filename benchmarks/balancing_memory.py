@@ -25,8 +25,7 @@ import torch
 
 from _common import default_threads, environment
 
-from balancing_overhead import j_mib, kind, make_trainer
-from mtlvision.balancing import METHODS
+from balancing_overhead import add_setup_args, j_mib, kind, make_trainer
 
 
 def peak_rss_mib() -> float:
@@ -66,12 +65,7 @@ def measure(tasks: int, inp: str, method: str, args: argparse.Namespace) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
-    ap.add_argument("--inputs", nargs="+", choices=["single", "multi"], default=["single", "multi"])
-    ap.add_argument("--methods", nargs="+", default=METHODS.names())
-    ap.add_argument("--space", choices=["feature", "parameter"], default="feature")
-    ap.add_argument("--width", type=float, default=0.5)
-    ap.add_argument("--batch-size", type=int, default=128)
+    add_setup_args(ap)
     ap.add_argument("--steps", type=int, default=3, help="training steps after warm-up (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="training steps first (default 2)")
     ap.add_argument("--device", default="cpu")

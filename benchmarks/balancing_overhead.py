@@ -120,14 +120,19 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
         return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The model, tasks and methods measured (shared with balancing_memory.py)."""
     ap.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--inputs", nargs="+", choices=["single", "multi"], default=["single", "multi"])
     ap.add_argument("--methods", nargs="+", default=METHODS.names())
     ap.add_argument("--space", choices=["feature", "parameter"], default="feature")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=128)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_args(ap)
     add_timing_args(ap)
     args = ap.parse_args(argv)
     if "equal" not in args.methods:
