@@ -2,15 +2,17 @@
 
 The reference is the canonical recipe: `torchvision.datasets.ImageFolder` on the extracted JPEGs,
 `RandomCrop(32, padding=4)` + `RandomHorizontalFlip` + `Normalize` per sample in DataLoader workers,
-torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), SGD-Nesterov with
-one-cycle schedule, cross-entropy with label smoothing, all 50,000 training images, the last epoch's
-test accuracy. Compare it with `mtlvision train` on the same data and budget (e.g. configs/cifar10_gpu.yaml
-with model.architecture.name=hps and the vehicle task disabled): if mtlvision's data cache, batch
-augmentation, model or trainer lost accuracy, the two would differ by more than the seed spread.
-It also says what this data allows: the shared CIFAR-10 files are 4:2:0 quality-75 JPEG re-encodings.
+torchvision's ResNet-18 layout with the CIFAR stem (3x3 stride-1 conv, no max-pool) and PyTorch's default
+initialisation, SGD-Nesterov with weight decay on every parameter and torch's one-cycle schedule,
+cross-entropy with label smoothing, all 50,000 training images, the last epoch's test accuracy.
+Compare it with `mtlvision train` on the same data and budget (e.g. configs/cifar10_gpu.yaml with the
+`hps` architecture and the vehicle task disabled): if mtlvision's data cache, batch augmentation, model
+or trainer lost accuracy, the two would differ by more than the seed spread. It also says what this data
+allows: the shared CIFAR-10 files are 4:2:0 quality-75 JPEG re-encodings.
 
 Example:  python benchmarks/cifar10_reference.py --device cuda --epochs 30            (GPU: bf16, batch 512)
-          ... --no-decay-norms --max-momentum 0.9 --limit 47500   (mtlvision's choices, one at a time)
+          ... --limit 47500 / --no-decay-norms / --max-momentum 0.9 / --mtlvision-init
+                                                                 (mtlvision's choices, one at a time)
           python benchmarks/cifar10_reference.py --width 0.25 --epochs 2 --limit 5000  (CPU smoke run)
 """
 from __future__ import annotations
@@ -32,8 +34,12 @@ from torchvision import transforms as T
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # the usual CIFAR-10 statistics
 
 
-def resnet18_cifar(width: float, classes: int) -> torch.nn.Module:
-    """torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool), channels x `width`."""
+def resnet18_cifar(width: float, classes: int, mtlvision_init: bool) -> torch.nn.Module:
+    """torchvision's ResNet-18 layout with the CIFAR stem (3x3 stride-1 conv, no max-pool), channels x `width`.
+
+    The stem, stages and classifier are rebuilt, so they start from PyTorch's default initialisation;
+    `mtlvision_init` uses mtlvision's instead (Kaiming-normal fan-out convolutions, each block's last BN
+    weight zero)."""
     block = torchvision.models.resnet.BasicBlock
     chans = [max(1, round(c * width)) for c in (64, 128, 256, 512)]
     net = torchvision.models.ResNet(block, [2, 2, 2, 2], num_classes=classes)
@@ -44,6 +50,12 @@ def resnet18_cifar(width: float, classes: int) -> torch.nn.Module:
     for i, c in enumerate(chans):
         setattr(net, f"layer{i + 1}", net._make_layer(block, c, 2, stride=1 if i == 0 else 2))
     net.fc = torch.nn.Linear(chans[3], classes)
+    if mtlvision_init:
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, block):
+                torch.nn.init.zeros_(m.bn2.weight)
     return net
 
 
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no weight decay on norms and biases (as mtlvision); default: decay every parameter")
     ap.add_argument("--max-momentum", type=float, default=0.95,
                     help="one-cycle momentum range 0.85..this (torch's default 0.95; mtlvision uses 0.9)")
+    ap.add_argument("--mtlvision-init", action="store_true",
+                    help="mtlvision's initialisation (Kaiming fan-out convs, zero last BN per block)")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--limit", type=int, default=0, help="train on this many random images (0: all)")
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         train, test = loaders(Path(tmp), args.batch_size, args.workers, args.limit, cuda)
         if args.epochs * len(train) < 8:  # torch's OneCycleLR divides by zero on a handful of steps
             ap.error(f"only {args.epochs * len(train)} training steps: raise --epochs or --limit")
-        model = resnet18_cifar(args.width, 10).to(device, memory_format=torch.channels_last)
+        model = resnet18_cifar(args.width, 10, args.mtlvision_init).to(device, memory_format=torch.channels_last)
         params = list(model.parameters())
         groups = ([{"params": [p for p in params if p.ndim > 1]},
                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -128,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"benchmark": "cifar10_reference", "test_accuracy": correct / total, "epochs": args.epochs,
                       "train_images": len(train.dataset), "batch_size": args.batch_size, "lr": args.lr,
                       "width": args.width, "decay_norms": not args.no_decay_norms,
-                      "max_momentum": args.max_momentum, "train_wall_s": round(train_s, 1),
+                      "max_momentum": args.max_momentum,
+                      "mtlvision_init": args.mtlvision_init, "train_wall_s": round(train_s, 1),
                       "train_images_per_s": round(seen / train_s), "device": torch.cuda.get_device_name(device)
                       if cuda else "cpu", "torch": torch.__version__}, indent=1))
     return 0
