@@ -195,7 +195,9 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     from PIL import Image
 
     shot = tmp_path / "shot.png"
-    subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={tmp_path / 'prof'}",
+    subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'prof'}",
                     f"--screenshot={shot}", "--window-size=1280,4000",
                     (run_dir / "report" / "report.html").resolve().as_uri()],
                    capture_output=True, timeout=180)
