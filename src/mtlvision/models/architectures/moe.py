@@ -3,14 +3,16 @@ r"""Mixture-of-experts architectures on any registered backbone: MMoE, CGC, PLE 
 Image design, shared by the four: the backbone's `stem` and first `split` stages form a shared
 bottom h(x) (a feature map); every expert is an independently re-initialised copy of the remaining
 stages and the `pool` (deep copy, then `reset_parameters()` on each submodule that has one, so no two
-experts start equal; zero-init residuals and pretrained weights stay in the bottom only), mapping h(x)
+experts start equal: PyTorch's default initialisation of each layer, not the backbone's Kaiming fan-out;
+zero-init residuals and pretrained weights stay in the bottom only), mapping h(x)
 to a vector in R^D (D = backbone.out_dim); a gate reads the global-average-pooled bottom features
 GAP(h(x)) in R^C (features, not pixels) and gives one weight per expert; heads read the gated mixture
 of expert outputs, in R^D.
 
-Shared representation (see `Architecture.cut`): everything whose output reaches more than one task's
-loss is trunk (`shared_parameters()`); the tensors it hands to task-specific modules are the shared
-tensors, which feature-space gradient methods differentiate each loss with respect to.
+Shared representation (see `Architecture.cut`): everything upstream of the shared tensors is trunk
+(`shared_parameters()`): whatever reaches more than one task's loss, and in PLE also the task gates of the
+levels below the last, whose outputs are shared tensors; the tensors the trunk hands to task-specific
+modules are the shared tensors, which feature-space gradient methods differentiate each loss with respect to.
 
 * MMoE, DSelect-k: trunk = bottom + experts; shared = (GAP(h(x)) (B, C), stacked expert outputs (B, K, D)).
 * CGC: trunk = bottom + shared experts; shared = (h(x) (B, C, H, W), stacked shared-expert outputs);
