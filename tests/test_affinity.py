@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtlvision.affinity import AffinityTrainer, best_grouping, lookahead_affinity
+from mtlvision.affinity import AffinityTrainer, best_groupings, lookahead_affinity
 from mtlvision.cli import main
 from mtlvision.config import load_config
-from mtlvision.errors import ConfigError
+from mtlvision.errors import ConfigError, MTLVisionError
 from mtlvision.training.trainer import Trainer
 
 
@@ -34,24 +34,53 @@ def _brute_force(z, budget):
     return best
 
 
+def _total(z, groups):
+    """The objective of a grouping: every task takes the affinity of its best group."""
+    return sum(max(np.mean([z[i, j] for i in g if i != j]) if len(g) > 1 else 0.0 for g in groups if j in g)
+               for j in range(len(z)))
+
+
 def test_grouping_recovers_two_clusters():
     z = np.full((4, 4), -0.05)
     z[0, 1] = z[1, 0] = z[2, 3] = z[3, 2] = 0.1
     np.fill_diagonal(z, 0.2)
-    assert best_grouping(z, 1)[0] == [(0, 1, 2, 3)]
-    groups, score = best_grouping(z, 2)
-    assert sorted(groups) == [(0, 1), (2, 3)] and score == pytest.approx(0.4)
+    (one, _), (two, score) = best_groupings(z, 2)
+    assert one == [(0, 1, 2, 3)]
+    assert two == [(0, 1), (2, 3)] and score == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("seed", range(4))
+def test_a_task_every_group_hurts_gets_its_own_network():
+    z = np.full((3, 3), 0.1)
+    z[:, 2] = -0.2  # every other task's step raises task 2's loss
+    groups, score = best_groupings(z, 2)[1]
+    assert groups == [(0, 1), (2,)] and score == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_grouping_is_the_exhaustive_optimum(seed):
-    z = np.random.default_rng(seed).normal(0, 0.1, (4, 4))
-    for budget in range(1, 5):
-        groups, score = best_grouping(z, budget)
-        assert len(groups) <= budget and set().union(*groups) == {0, 1, 2, 3}
-        assert score == pytest.approx(_brute_force(z, budget))
+    t = 4 + seed % 2
+    z = np.random.default_rng(seed).normal(0, 0.1, (t, t))
+    for budget, (groups, score) in enumerate(best_groupings(z, 3 if t == 5 else t), 1):
+        assert len(groups) <= budget and set().union(*groups) == set(range(t))
+        assert score == pytest.approx(_brute_force(z, budget)) and score == pytest.approx(_total(z, groups))
     with pytest.raises(ConfigError, match="budget"):
-        best_grouping(z, 5)
+        best_groupings(z, t + 1)
+
+
+def test_grouping_of_twelve_tasks_every_budget():
+    z = np.random.default_rng(0).normal(0, 0.1, (12, 12))
+    results = best_groupings(z, 12)
+    scores = [score for _, score in results]
+    assert scores == sorted(scores)  # a larger budget never does worse
+    for budget, (groups, score) in enumerate(results, 1):
+        assert len(groups) <= budget and set().union(*groups) == set(range(12))
+        assert score == pytest.approx(_total(z, groups))
+    # with a network per task allowed, every task is served by its best pair-or-larger group or alone
+    assert scores[-1] >= sum(max(0.0, max(z[i, j] for i in range(12) if i != j)) for j in range(12)) - 1e-9
+    with pytest.raises(MTLVisionError, match="limited to 12 tasks"):
+        best_groupings(np.zeros((13, 13)), 2)
+    with pytest.raises(MTLVisionError, match="unmeasured"):
+        best_groupings(np.full((3, 3), np.nan), 2)
 
 
 def _cfg(**over):
@@ -88,6 +117,36 @@ def test_lookahead_matches_its_definition_and_leaves_the_model_untouched(tmp_pat
     assert np.all(np.diag(z) > 0)  # a step on a task's own gradient lowers its own loss
 
 
+def test_every_forward_of_a_measurement_draws_the_same_dropout(tmp_path):
+    trainer = Trainer(_cfg(model__backbone__dropout=0.5), tmp_path / "d", quiet=True)
+    x, labels, rows = trainer.next_batch(0, 0)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.0  # the lookahead step moves nothing: only different dropout masks could change a loss
+    np.testing.assert_array_equal(lookahead_affinity(trainer, x, labels, rows), 0.0)
+
+
+def test_tasks_without_labels_in_a_batch_are_left_out_of_the_average(tmp_path):
+    trainer = AffinityTrainer(_cfg(), tmp_path / "p", every=1, quiet=True)
+    x, labels, rows = trainer.next_batch(0, 0)
+    z = lookahead_affinity(trainer, x, {**labels, "size": torch.full_like(labels["size"], -1)}, rows)
+    size = [t.name for t in trainer.tasks].index("size")
+    assert np.isnan(z[size]).all() and np.isnan(z[:, size]).all()
+    others = np.delete(np.delete(z, size, 0), size, 1)
+    assert np.isfinite(others).all()
+    # one measurement without the task's labels, one with them: its pairs average the one that has them
+    real = trainer.next_batch
+
+    def next_batch(epoch, step):
+        xb, yb, rb = real(epoch, step)
+        return xb, ({**yb, "size": torch.full_like(yb["size"], -1)} if step == 0 else yb), rb
+
+    trainer.next_batch = next_batch
+    trainer.train_step(0, 0)
+    trainer.train_step(0, 1)
+    m = trainer.matrix()
+    assert np.isfinite(m).all() and trainer.pair_counts[0][size, size] == 1 and trainer.pair_counts[0][0, 1] == 2
+
+
 def test_measuring_does_not_change_training(tmp_path):
     """Same final weights with and without measurement (feature-space method: the split graph is handled)."""
     cfg = _cfg(balancing={"method": "mgda"}, model__backbone__dropout=0.2)
@@ -115,3 +174,16 @@ def test_cli_writes_matrix_heatmap_and_groupings(tmp_path, capsys):
     assert [g["budget"] for g in result["groupings"]] == [2]
     assert (out / "affinity.png").stat().st_size > 1000 and (out / "summary.json").is_file()
     assert "suggested groupings" in capsys.readouterr().out
+
+
+def test_resume_restores_the_measurements(tmp_path):
+    from mtlvision.affinity import run_affinity
+
+    cfg = tiny_config(train__epochs=1)
+    first = run_affinity(cfg, tmp_path / "r", every=4, budgets=[2], quiet=True)
+    again = run_affinity(cfg, tmp_path / "r", every=4, budgets=[2], resume=True, quiet=True)  # nothing left to train
+    assert again["measurements"] == first["measurements"] > 0
+    np.testing.assert_allclose(again["affinity"], first["affinity"])
+    with pytest.raises(ConfigError, match="budget: expected 1..4"):
+        run_affinity(cfg, tmp_path / "b", budgets=[5], quiet=True)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()  # refused before training
