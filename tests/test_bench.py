@@ -73,6 +73,21 @@ def test_finished_runs_are_skipped_and_results_aggregate_over_seeds(tmp_path, mo
     assert float(rows[0]["position_mean"]) == pytest.approx(100 * stl["position"])
     md = (out / "results.md").read_text()
     assert "| hps | cagrad(c=0.2) |" in md and f"{np.mean(dm):+.2f} ± {np.std(dm, ddof=1):.2f}" in md
+    assert float(rows[0]["parameters"]) == 2 * 1234  # the two single-task networks together
+
+
+def test_one_seed_has_no_spread(tmp_path, monkeypatch):
+    path = _suite(tmp_path, seeds=[0], methods=["equal"])
+    suite, base = bench.load_suite(path)
+    out = tmp_path / "out"
+    for run in bench.plan(suite, base, out):
+        _fake_summary(run, {"shape": 0.8, "position": 0.6})
+    monkeypatch.setattr(bench, "run_one", lambda run, base: pytest.fail(f"{run.out} was finished"))
+    bench.run_suite(path, out)
+    mtl = list(csv.DictReader((out / "results.csv").open()))[1]
+    assert float(mtl["shape_mean"]) == pytest.approx(80.0) and mtl["shape_std"] == "" and mtl["delta_m_std"] == ""
+    md = (out / "results.md").read_text()
+    assert "| hps | equal | 80.00 | 60.00 | +0.00 |" in md and "±" not in md.split("\n", 3)[3]
 
 
 def test_bench_trains_missing_runs_and_resumes_an_interrupted_one(tmp_path, capsys):
@@ -109,6 +124,8 @@ def test_bad_cells_fail_before_training_and_name_the_cell(tmp_path):
         bench.load_suite(_suite(tmp_path, method=["equal"]))
     with pytest.raises(ConfigError, match="seeds"):
         bench.load_suite(_suite(tmp_path, seeds=[]))
+    with pytest.raises(ConfigError, match=r"hps/equal/seed0: listed twice"):
+        bench.run_suite(_suite(tmp_path, methods=["equal", {"method": "equal"}]), tmp_path / "out")
 
 
 def test_shipped_suites_are_valid():

@@ -27,6 +27,11 @@ def test_label_smoothing_and_task_validation():
         Task("a", ["only"])
     with pytest.raises(MTLVisionError, match="contain no '.'"):
         Task("a.b", ["x", "y"])
+    with pytest.raises(MTLVisionError, match="a binary task has 2 classes, got 3"):
+        Task("a", ["x", "y", "z"], kind="binary")
+    with pytest.raises(MTLVisionError, match="kind must be multiclass or binary"):
+        Task("a", ["x", "y"], kind="regression")
+    assert Task("a", ["x", "y"]).kind == "binary"
 
 
 def test_binary_task_kind_and_metrics():

@@ -129,8 +129,13 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
                         f"balancing={_yaml_flow(method)}"]
                 where = out / _dirname(arch_label) / _dirname(method_label) / f"seed{seed}"
                 runs.append(Run("mtl", arch_label, method_label, seed, where, sets))
+    seen: set[Path] = set()
     for run in runs:  # fail on a bad cell, or a folder holding another config, before hours of training
         cell = f"suite run {run.arch or 'stl'}/{run.method}/seed{run.seed}"
+        if run.out in seen:
+            raise ConfigError(f"{cell}: listed twice (the suite names the same architecture, method or seed "
+                              "more than once)")
+        seen.add(run.out)
         try:
             wanted = load_config(base, run.overrides).to_dict()
         except ConfigError as exc:
@@ -163,9 +168,10 @@ def run_one(run: Run, base: Path) -> None:
         raise MTLVisionError(f"run {run.out} failed (exit {proc.returncode}):\n{tail}")
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n - 1); no spread from one seed."""
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
 
 
 def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
@@ -180,7 +186,9 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     if stl_runs:
         row = _row("single-task", "equal", [summaries[id(r)] for r in stl_runs])
         row["tasks"] = {t: _mean_std([100 * a for a in v]) for t, v in stl.items()}
-        row["delta_m"], row["seeds"] = (0.0, 0.0), min(len(v) for v in stl.values())
+        # the T single-task networks together (one finished run per task)
+        row["parameters"] = sum({r.method: summaries[id(r)].get("parameters") or 0 for r in stl_runs}.values())
+        row["delta_m"], row["seeds"] = (0.0, None), min(len(v) for v in stl.values())  # 0 by definition
         rows.append(row)
     cells: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
@@ -209,10 +217,11 @@ def _row(arch: str, method: str, done: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_memory_mb": max(mem) if mem else None, "parameters": done[0].get("parameters")}
 
 
-def _pm(value: Optional[tuple[float, float]], signed: bool = False) -> str:
+def _pm(value: Optional[tuple[float, Optional[float]]], signed: bool = False) -> str:
     if value is None:
         return "-"
-    return f"{value[0]:+.2f} ± {value[1]:.2f}" if signed else f"{value[0]:.2f} ± {value[1]:.2f}"
+    mean = f"{value[0]:+.2f}" if signed else f"{value[0]:.2f}"
+    return mean if value[1] is None else f"{mean} ± {value[1]:.2f}"
 
 
 def _fmt(value: Optional[float], digits: int = 1) -> str:
@@ -236,8 +245,8 @@ def write_results(rows: list[dict[str, Any]], out: Path, header: str) -> None:
     w.writerow(["architecture", "method", "seeds", *[f"{t}_{s}" for t in tasks for s in ("mean", "std")],
                 "delta_m_mean", "delta_m_std", "images_per_s", "s_per_epoch", "peak_memory_mb", "parameters"])
     for r in rows:
-        acc = [v for t in tasks for v in (r["tasks"].get(t) or ("", ""))]
-        dm = r["delta_m"] or ("", "")
+        acc = ["" if v is None else v for t in tasks for v in (r["tasks"].get(t) or ("", ""))]
+        dm = ["" if v is None else v for v in r["delta_m"] or ("", "")]
         w.writerow([r["architecture"], r["method"], r["seeds"], *acc, *dm, r["images_per_s"], r["s_per_epoch"],
                     r["peak_memory_mb"], r["parameters"]])
     write_text(out / "results.csv", buf.getvalue())
@@ -258,7 +267,8 @@ def run_suite(path: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
             run_one(run, base)
     rows = aggregate(runs)
     cmd = " ".join(["mtlvision bench", str(path), *[f"--set {s}" for s in extra or []]])
-    header = (f"# {suite.name}: test accuracy, mean ± std over seeds {suite.seeds}\n\n"
-              f"Reproduce: `{cmd}`. Δm against the single-task accuracies averaged over seeds.")
+    header = (f"# {suite.name}: test accuracy, mean ± sample std (n − 1) over seeds {suite.seeds}\n\n"
+              f"Reproduce: `{cmd}`. Δm against the single-task accuracies averaged over seeds. "
+              "Single-task parameters: the networks of all tasks together.")
     write_results(rows, out_dir, header)
     return out_dir

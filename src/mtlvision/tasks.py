@@ -34,7 +34,11 @@ class Task:
             raise DataError(f"task {self.name!r}: label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if len(self.classes) < 2:
             raise DataError(f"task {self.name!r} needs at least 2 classes, got {self.classes}")
-        if len(self.classes) == 2 and self.kind == "multiclass":
+        if self.kind not in ("multiclass", "binary"):
+            raise DataError(f"task {self.name!r}: kind must be multiclass or binary, got {self.kind!r}")
+        if self.kind == "binary" and len(self.classes) != 2:
+            raise DataError(f"task {self.name!r}: a binary task has 2 classes, got {len(self.classes)}")
+        if len(self.classes) == 2:
             self.kind = "binary"
 
     @property

@@ -59,7 +59,8 @@ def _pm(value: tuple[Optional[float], Optional[float]], signed: bool = False) ->
     mean, std = value
     if mean is None:
         return "-"
-    return f"{mean:{'+' if signed else ''}.2f} ± {std or 0:.2f}"
+    text = f"{mean:{'+' if signed else ''}.2f}"
+    return text if std is None else f"{text} ± {std:.2f}"
 
 
 def _num(value: Optional[float], digits: int = 1) -> str:
@@ -87,8 +88,9 @@ def build_bench_report(bench_dir: Path, out: Path) -> Report:
                    _num(r["parameters"], 0), r["seeds"], [link(p) for p in _run_dirs(bench_dir, r)] or "-"]
                   for r in rows]
     sections = [Section("Results", [
-        Text("Test accuracy at the best validation epoch, mean ± std over seeds; Δm against the single-task "
-             "accuracies averaged over seeds (positive: the multi-task model is better)."),
+        Text("Test accuracy at the best validation epoch, mean ± sample std (n − 1) over seeds; Δm against the "
+             "single-task accuracies averaged over seeds (positive: the multi-task model is better); single-task "
+             "parameters: the networks of all tasks together."),
         Table(header, table_rows, f"From {bench_dir / 'results.csv'}.")])]
     dm = [r for r in rows if r["architecture"] != STL and r["delta_m"][0] is not None]
     if dm:
