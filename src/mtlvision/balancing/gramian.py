@@ -316,7 +316,9 @@ def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-
 
     Edge cases: c = 0 or g0 = 0 gives w = 1/T (d = g0). If the optimum has g_w* = 0 (the point is
     Pareto-stationary and the ball contains no strict common-descent direction) the paper's
-    update 0/0 is undefined; w = 0 (no step) is returned, as TorchJD does.
+    update 0/0 is undefined; w = 0 (no step) is returned, as TorchJD does. ||g_w*|| counts as 0 below
+    8·√eps·max||g_i|| (≈ 1.2e-7 relative), the rounding floor of a norm read off the Gramian: below it the
+    direction of g_w* would be rounding noise.
     """
     if not (c >= 0.0 and math.isfinite(c)):
         raise ValueError(f"cagrad: c must be a finite non-negative number, got {c}")
@@ -342,13 +344,15 @@ def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-
         return w, math.sqrt(max(float(w @ Gs @ w), 0.0))
 
     M = math.sqrt(float(Gs.diagonal().clamp(min=0.0).max()))
+    # ||g_w|| is read off wᵀGw, whose rounding error is a few eps·M²: below this it is noise, i.e. 0
+    noise = 8.0 * math.sqrt(torch.finfo(_F64).eps) * M
     _, n_lo = inner(0.0)
     lo, f_lo = 0.0, -n_lo
-    if n_lo <= 1e-14 * M:
+    if n_lo <= noise:
         # 0 is in the convex hull: find t > 0 with t < ||g_w(t)||, if any.
         lo = None
         t = M
-        for _ in range(60):
+        while t > noise:
             t *= 0.5
             _, n_t = inner(t)
             if t - n_t < 0.0:
@@ -385,7 +389,7 @@ def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-
             raise GramianSolverError(
                 f"cagrad: the inner problem's root search did not reach tolerance {tol} in "
                 f"{max_iter} steps")
-    if n_star <= 1e-14 * M:
+    if n_star <= noise:
         return _out(torch.zeros(T, dtype=_F64), G0)
     weights = uniform + (s / n_star) * w_star
     if rescale:
