@@ -1,5 +1,6 @@
-"""Architectures: how the tasks share the network. One module per architecture, registered with
-`@ARCHITECTURES.register(name, params=ParamsDataclass)`; every module here is imported on start.
+"""Architectures: how the tasks share the network. One module per family of architectures (moe.py holds
+the four mixture-of-experts designs), each registered with `@ARCHITECTURES.register(name,
+params=ParamsDataclass)`; every module here is imported on start.
 """
 from __future__ import annotations
 
