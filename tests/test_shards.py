@@ -216,6 +216,14 @@ def test_crash_mid_write_leaves_no_index(tmp_path):
     index = write_shards(skipping, tmp_path / "out", overwrite=True)
     assert index["splits"]["train"]["samples"] == 21 and len(index["skipped"]) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.json", "test-00000.tar", "train-00000.tar"]
+    # from a config, --skip-corrupt applies on top of data.source
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"source": {
+        "name": "csv", "images": str(tmp_path / "imgs"), "csv": str(tmp_path / "train.csv"),
+        "test_csv": str(tmp_path / "test.csv"), "tasks": ["class"]}}}))
+    assert main(["shards", "--config", str(cfg), str(tmp_path / "out2")]) == 2
+    assert main(["shards", "--config", str(cfg), str(tmp_path / "out2"), "--skip-corrupt", "--overwrite"]) == 0
+    assert len(json.loads((tmp_path / "out2" / "index.json").read_text())["skipped"]) == 1
 
 
 def test_csv_missing_labels_and_val_split(tmp_path):
@@ -287,6 +295,9 @@ def test_cli_shards(tmp_path, written, capsys):
     assert "give SRC" in capsys.readouterr().err
     assert main(["shards", str(imgs), str(tmp_path / "a")]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["shards", "--config", str(cfg), str(tmp_path / "d"), "--task", "animal", "--image-column", "f"]) == 2
+    assert "--task, --image-column describe SRC; with --config" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit) as e:
         main(["shards", "--help"])
     assert e.value.code == 0 and "usage: mtlvision shards" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Command-line interface: `mtlvision demo | train | evaluate | predict | list`."""
+"""Command-line interface: `mtlvision` and its subcommands (train, evaluate, predict, bench, report, ...)."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,14 @@ def cmd_shards(args: argparse.Namespace) -> None:
         if cfg.data.sources:
             raise MTLVisionError("shards: the config sets data.sources (multi-input); pack one source at a time")
         spec = dict(cfg.data.source)
+        given = [flag for flag, value in (("--task", args.task), ("--csv", args.csv), ("--tasks", args.tasks),
+                                          ("--test-csv", args.test_csv), ("--split-column", args.split_column),
+                                          ("--image-column", args.image_column)) if value is not None]
+        if given:
+            raise MTLVisionError(f"shards: {', '.join(given)} describe SRC; with --config the source is "
+                                 "data.source (change it with --set data.source.KEY=VALUE)")
+        if args.skip_corrupt:
+            spec["skip_corrupt"] = True
     elif args.set:
         raise MTLVisionError("shards: --set needs --config")
     elif args.csv is not None:
@@ -167,7 +175,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
                 "test_csv": args.test_csv, "split_column": args.split_column, "image_column": args.image_column,
                 "skip_corrupt": args.skip_corrupt}
     else:
-        spec = {"name": "imagefolder", "path": args.src, "task": args.task, "skip_corrupt": args.skip_corrupt}
+        spec = {"name": "imagefolder", "path": args.src, "task": args.task or "class", "skip_corrupt": args.skip_corrupt}
     name = spec.pop("name", None)
     if name not in ("imagefolder", "csv"):
         raise MTLVisionError(f"shards: data.source.name is {name!r}; `mtlvision shards` packs imagefolder and csv")
@@ -333,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--config", help="pack data.source (imagefolder or csv) of this CONFIG.yaml instead of SRC")
     sh.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override a value of --config (YAML syntax); repeatable")
-    sh.add_argument("--task", default="class", help="imagefolder: the task's name (default class)")
+    sh.add_argument("--task", help="imagefolder: the task's name (default class)")
     sh.add_argument("--csv", metavar="FILE", help="CSV of image paths (relative to SRC) and label columns")
     sh.add_argument("--tasks", metavar="COL[,COL...]", help="csv: the label columns, one task each")
     sh.add_argument("--test-csv", metavar="FILE", help="csv: test rows")
     sh.add_argument("--split-column", metavar="COL", help="csv: column with train/val/test (instead of --test-csv)")
-    sh.add_argument("--image-column", default="image", help="csv: column of image paths (default image)")
+    sh.add_argument("--image-column", help="csv: column of image paths (default image)")
     sh.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (listed in index.json)")
     sh.add_argument("--shard-size", type=int, metavar="N",
                     help="samples per shard (default 1000 unless --max-shard-mb is given)")
