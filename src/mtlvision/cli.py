@@ -175,7 +175,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
                 "test_csv": args.test_csv, "split_column": args.split_column, "image_column": args.image_column,
                 "skip_corrupt": args.skip_corrupt}
     else:
-        spec = {"name": "imagefolder", "path": args.src, "task": args.task or "class", "skip_corrupt": args.skip_corrupt}
+        spec = {"name": "imagefolder", "path": args.src, "task": args.task, "skip_corrupt": args.skip_corrupt}
     name = spec.pop("name", None)
     if name not in ("imagefolder", "csv"):
         raise MTLVisionError(f"shards: data.source.name is {name!r}; `mtlvision shards` packs imagefolder and csv")
