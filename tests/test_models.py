@@ -30,6 +30,20 @@ def test_resnet18_cifar_stem_and_width():
     assert big.stem[0].kernel_size == (7, 7)
 
 
+@pytest.mark.parametrize("spec,size", [({"width": 0.25}, 32), ({"stem": "imagenet"}, 224)])
+def test_resnet18_init_schemes(spec, size):
+    """torchvision: Kaiming-normal fan-out; pytorch: each conv's own default (Kaiming-uniform, a=sqrt(5))."""
+    torch.manual_seed(0)
+    tv = build_backbone({"name": "resnet18", **spec}, 3, size)
+    pt = build_backbone({"name": "resnet18", "init": "pytorch", "zero_init_residual": False, **spec}, 3, size)
+    conv_tv, conv_pt = tv.stages[2][1].conv1, pt.stages[2][1].conv1  # 3x3, fan-in = fan-out
+    fan = conv_tv.weight[0].numel()
+    assert conv_tv.weight.std().item() == pytest.approx((2 / fan) ** 0.5, rel=0.05)
+    assert conv_pt.weight.std().item() == pytest.approx((1 / (3 * fan)) ** 0.5, rel=0.05)
+    assert conv_pt.weight.abs().max().item() <= fan ** -0.5 + 1e-6  # uniform on +-1/sqrt(fan_in)
+    assert torch.all(tv.stages[0][0].bn2.weight == 0) and torch.all(pt.stages[0][0].bn2.weight == 1)
+
+
 def test_smallcnn_shapes_and_grayscale():
     bb = build_backbone({"name": "smallcnn", "width": 8, "out_dim": 20}, 1, 28)
     assert bb(torch.randn(3, 1, 28, 28)).shape == (3, 20)
@@ -72,3 +86,21 @@ def test_mlp_head():
                                     architecture={"name": "hps"}, head={"name": "mlp", "hidden": 7}),
                         TASKS, (32, 32, 3))
     assert model.heads[0][0].out_features == 7
+
+
+@pytest.mark.parametrize("decay_norms", [False, True])
+def test_weight_decay_groups(decay_norms):
+    """Conv/linear weights are decayed; norms and biases only with train.decay_norms; gates never."""
+    from mtlvision.config import TrainConfig
+    from mtlvision.training.optim import build_optimizer
+
+    model = build_model(ModelConfig(backbone={"name": "resnet18", "width": 0.125},
+                                    architecture={"name": "task-features", "feature_dim": 16}), TASKS, (32, 32, 3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = build_optimizer(TrainConfig(decay_norms=decay_norms), model, []).param_groups
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    one_d = {n for n, p in model.named_parameters() if p.ndim == 1} - set(model.no_weight_decay)
+    assert one_d and (one_d <= decayed if decay_norms else not one_d & decayed)
+    assert {n for n, p in model.named_parameters() if p.ndim > 1} - set(model.no_weight_decay) <= decayed
+    assert not set(model.no_weight_decay) & decayed

@@ -91,6 +91,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    decay_norms: bool = False  # also decay norm weights and biases (1-D parameters)
     schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: float = 0.0
     grad_clip: Optional[float] = None

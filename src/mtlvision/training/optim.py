@@ -10,12 +10,13 @@ from ..config import TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, extra: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only (not on norms, biases, gates or balancing parameters)."""
+    """Weight decay on conv/linear weights (and norms and biases with `decay_norms`), never on the
+    architecture's gates or the balancing method's parameters."""
     skip = getattr(model, "no_weight_decay", frozenset())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 and name not in skip else no_decay).append(p)
+            (decay if (p.ndim > 1 or cfg.decay_norms) and name not in skip else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay + [p for p in extra if p.requires_grad], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
