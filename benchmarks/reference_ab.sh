@@ -25,6 +25,7 @@ fi
 start() {  # on a GPU every run starts at once; on the CPU each waits for the one before
   if [[ ${CPU:-0} == 1 ]]; then "$@"; else "$@" & fi
 }
+ran=()
 for name in $variants; do
   case $name in
     none) continue ;;
@@ -40,6 +41,7 @@ for name in $variants; do
   # shellcheck disable=SC2086
   start python benchmarks/cifar10_reference.py "${ref_args[@]}" "${extra[@]}" ${REF_ARGS:-} \
     > "$tmp/$name.json" 2> "$tmp/$name.err"
+  ran+=("$name")
 done
 # mtlvision as configured, and with the reference's initialisation (PyTorch's per-layer default, no zero-init)
 # shellcheck disable=SC2086
@@ -50,7 +52,7 @@ start python -m mtlvision train configs/cifar10_gpu.yaml --quiet --out "$tmp/mtl
   --set model.backbone.init=pytorch --set model.backbone.zero_init_residual=false ${MTL_ARGS:-} \
   > "$tmp/mtlvision_pt_init.log" 2>&1
 wait
-for name in ${variants/none/}; do
+for name in "${ran[@]}"; do
   python -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{sys.argv[2]:<18} {100*r[\"test_accuracy\"]:.2f}%')" \
     "$tmp/$name.json" "$name" 2>/dev/null || { echo "$name failed:"; tail -n 3 "$tmp/$name.err"; }
 done

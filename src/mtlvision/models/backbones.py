@@ -60,8 +60,8 @@ class ResNetParams:
     pretrained: bool = False  # torchvision ImageNet weights (width 1, imagenet stem; downloads once)
     zero_init_residual: bool = True  # each block's last BN weight starts at 0 (its residual branch is off)
     # torchvision: Kaiming-normal fan-out convolutions, as torchvision's ResNet; pytorch: every layer's own
-    # default (Kaiming-uniform, a=sqrt(5)), whose 1.7-2.4x smaller conv weights
-    # train faster under BatchNorm (a scale-invariant weight's effective step grows as its norm shrinks)
+    # default (Kaiming-uniform, a=sqrt(5)), whose 1.7-2.4x smaller conv weights train faster under
+    # BatchNorm (a scale-invariant weight's effective step grows as its norm shrinks)
     init: Literal["torchvision", "pytorch"] = "torchvision"
 
 
@@ -73,7 +73,8 @@ class _WideResNet18(ResNet):
         super().__init__(BasicBlock, [2, 2, 2, 2], zero_init_residual=zero_init_residual)
         self.out_dim = 512
         if width == 1.0 and not cifar_stem and in_channels == 3:
-            self._init(init, zero_init_residual)
+            if init == "pytorch":  # torchvision's __init__ has applied its own scheme already
+                self._init(init, zero_init_residual)
             return
         widths = [max(4, int(round(64 * width * m))) for m in (1, 2, 4, 8)]
         self.inplanes = widths[0]
