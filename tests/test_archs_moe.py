@@ -182,8 +182,7 @@ def test_entropy_regulariser_is_applied_once_per_step(method):
     for reg in (0.0, 0.1):
         model = _model({"name": "dselect-k", "entropy_reg": reg})
         balancer = build_balancer({"method": method}, TASKS)
-        model.split_shared = getattr(balancer, "needs_shared_features", False)
-        out = model(x)
+        out = model(x, split=getattr(balancer, "needs_shared_features", False))
         losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
         balancer.backward(losses, StepContext(out.shared, model.shared_parameters(), model.task_parameters(), 0, 0,
                                               trunk=out.trunk))
@@ -206,8 +205,7 @@ def test_feature_space_mgda_gives_the_gradient_of_the_weighted_loss(arch):
     gradients those of Σ_t L_t."""
     x, y = _batch(1)
     model = _model(arch, seed=1)
-    model.split_shared = True
-    out = model(x)
+    out = model(x, split=True)
     losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
     ctx = StepContext(out.shared, model.shared_parameters(), model.task_parameters(), 0, 0, trunk=out.trunk)
     w = build_balancer({"method": "mgda"}, TASKS).backward(losses, ctx)
@@ -215,8 +213,7 @@ def test_feature_space_mgda_gives_the_gradient_of_the_weighted_loss(arch):
     got_shared = [p.grad.clone() for p in model.shared_parameters()]
     got_task = [p.grad.clone() for p in model.task_parameters()]
 
-    model.split_shared = False
-    out = model(x)
+    out = model(x, split=False)
     losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
     expect_shared = torch.autograd.grad(sum(w[n] * loss for n, loss in losses.items()), model.shared_parameters(),
                                         retain_graph=True)
@@ -229,8 +226,7 @@ def test_feature_space_mgda_gives_the_gradient_of_the_weighted_loss(arch):
 def test_shared_parameters_are_exactly_those_upstream_of_the_cut(arch):
     x, _ = _batch(2)
     model = _model(arch, seed=2)
-    model.split_shared = True
-    out = model(x)
+    out = model(x, split=True)
     shared, task = model.shared_parameters(), model.task_parameters()
     upstream = torch.autograd.grad(sum(t.sum() for t in out.trunk), shared + task, allow_unused=True,
                                    retain_graph=True)

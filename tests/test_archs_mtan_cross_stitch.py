@@ -116,11 +116,10 @@ def test_cross_stitch_identity_mixing_is_independent_networks():
 
 @pytest.mark.parametrize("arch", [{"name": "mtan"}, {"name": "cross-stitch"}], ids=["mtan", "cross-stitch"])
 def test_feature_space_method_gives_the_trunk_the_combined_gradient(arch):
-    """split_shared + MGDA: trunk grads = grad of sum_t w_t L_t; task-side grads = grad of sum_t L_t."""
+    """split graph + MGDA: trunk grads = grad of sum_t w_t L_t; task-side grads = grad of sum_t L_t."""
     x, y = _batch(2)
     model, ref = _model(arch), _model(arch)
-    model.split_shared = True
-    out = model(x)
+    out = model(x, split=True)
     assert all(s.is_leaf and s.requires_grad for s in out.shared)  # the graph is cut there
     balancer = build_balancer({"method": "mgda"}, TASKS)
     ctx = StepContext(out.shared, model.shared_parameters(), model.task_parameters(), 0, 0, trunk=out.trunk)
@@ -140,13 +139,12 @@ EVERY = [{"name": n} for n in ARCHITECTURES.names()] + [{"name": "dselect-k", "e
 
 @pytest.mark.parametrize("arch", EVERY, ids=lambda a: "-".join(map(str, a.values())))
 def test_split_graph_reaches_shared_parameters_only_through_the_trunk(arch):
-    """split_shared, train mode: the backward of the task losses alone gives every task parameter a gradient and no
+    """split graph, train mode: the backward of the task losses alone gives every task parameter a gradient and no
     shared parameter one (no trunk path bypasses the cut); the backward of the trunk tensors reaches every shared
     parameter and no task parameter (shared_parameters() is exactly what lies upstream of the cut)."""
     x, y = _batch(4)
     model = _model(arch)
-    model.split_shared = True
-    out = model(x)
+    out = model(x, split=True)
     shared, task = model.shared_parameters(), model.task_parameters()
     assert len({id(p) for p in shared}) == len(shared) and len(shared) + len(task) == len(list(model.parameters()))
     torch.autograd.backward(list(_losses(out, y).values()), retain_graph=True)

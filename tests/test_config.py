@@ -8,7 +8,7 @@ def test_defaults_and_overrides():
     cfg = load_config(data={"train": {"epochs": 3}}, overrides=["train.lr=0.2", "data.batch_size=32",
                                                                 "model.backbone.width=0.5"])
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.2 and cfg.data.batch_size == 32
-    assert cfg.model.backbone == {"name": "resnet18", "width": 0.5}
+    assert cfg.model.backbone.to_config(full=False) == {"name": "resnet18", "width": 0.5}
 
 
 def test_unknown_key_lists_valid_keys():
@@ -31,7 +31,7 @@ def test_yaml_file_and_env_expansion(tmp_path, monkeypatch):
     p.write_text("name: a\ndata:\n  source: {name: npz, path: '${MY_DATA}/mnist', tasks: [label]}\n"
                  "  cache_dir: ${UNSET_VAR_123:-/tmp/c}\n")
     cfg = load_config(p)
-    assert cfg.data.source["path"] == "/data/x/mnist"
+    assert cfg.data.source.params.path == "/data/x/mnist"
     assert cfg.data.cache_dir == "/tmp/c"
 
 
@@ -73,10 +73,9 @@ def test_component_validation(tmp_path, section, spec, expect):
         load_config(data=data)
     # the builders validate too (a Config can be built in code without load_config)
     cfg = load_config()
-    node = cfg.model.backbone if section == "model.backbone" else cfg.model.architecture \
-        if section == "model.architecture" else cfg.balancing if section == "balancing" else cfg.data.source
-    node.clear()
-    node.update(spec)
+    owner = {"model.backbone": cfg.model, "model.architecture": cfg.model, "balancing": cfg,
+             "data.source": cfg.data}[section]
+    setattr(owner, last, spec)
     tasks = [Task("a", ["x", "y"])]
     with pytest.raises(ConfigError, match=expect):
         if section.startswith("model"):

@@ -34,7 +34,7 @@ def tiny_model(arch: str, tasks=TASKS, spec=SPEC, backbone=None, head=None):
     cfg = load_config(data=tiny_config(model__backbone=backbone or {"name": "smallcnn", "width": 4, "out_dim": 16},
                                        model__architecture={"name": arch}, model__head=head or {"name": "linear"}))
     torch.manual_seed(0)
-    model = build_model(cfg.model, tasks, tuple(spec["image_shape"]), pretrained=False)
+    model = build_model(cfg.model, tasks, tuple(spec["image_shape"]), load_weights=False)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -50,7 +50,7 @@ def make_folder(root: Path) -> dict[str, bytes]:
 
 
 def source(name: str, **spec):
-    return SOURCES.build(name, SOURCES.parse_params(name, spec, "data.source"))
+    return SOURCES.build(SOURCES.spec({"name": name, **spec}, "data.source"))
 
 
 def tar_samples(path: Path) -> list[tuple[str, str, bytes, dict]]:

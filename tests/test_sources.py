@@ -43,10 +43,7 @@ def build(source=None, **kw):
 
 def load_raw(source: dict, image_size=None):
     """Run one source directly (no cache, no validation split), as build_data would construct it."""
-    spec = dict(source)
-    name = spec.pop("name")
-    params = SOURCES.parse_params(name, spec, "data.source")
-    return SOURCES.build(name, params, image_size=image_size).load()
+    return SOURCES.build(SOURCES.spec(source, "data.source"), image_size=image_size).load()
 
 
 def whole_train(stream):

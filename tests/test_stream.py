@@ -45,7 +45,7 @@ def write_images(root: Path) -> Path:
 
 def csv_source(root: Path, **spec):
     spec = {"images": str(root / "imgs"), "csv": str(root / "all.csv"), "tasks": ["class"], **spec}
-    return SOURCES.build("csv", SOURCES.parse_params("csv", spec, "data.source"))
+    return SOURCES.build(SOURCES.spec({"name": "csv", **spec}, "data.source"))
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +241,7 @@ def test_cifar10_test_split_streams_one_epoch(shared_data, tmp_path):
     """The CIFAR-10 test JPEGs as shards, 16 shards relabelled train, 2 val and 2 test; one streamed epoch."""
     start = time.perf_counter()
     out = tmp_path / "c10"
-    src = SOURCES.build("imagefolder", SOURCES.parse_params("imagefolder", {"path": str(shared_data / "cifar10")},
-                                                            "data.source"))
+    src = SOURCES.build(SOURCES.spec({"name": "imagefolder", "path": str(shared_data / "cifar10")}, "data.source"))
     index = write_shards(src, out, splits=["test"], shard_size=500)
     files = index["splits"]["test"]["shards"]
     splits = {}

@@ -116,17 +116,14 @@ def lookahead_affinity(trainer: Trainer, x: torch.Tensor, labels: dict[str, torc
             out = model(x)
         return torch.stack([t.loss(out.logits[t.name][rows[t.name]].float(), labels[t.name]) for t in tasks])
 
-    split, model.split_shared = model.split_shared, False  # the losses must reach the trunk's parameters
-    try:
-        with torch.random.fork_rng(devices=devices):  # dropout draws here must not shift training's stream
-            cpu_rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if devices else []
-            base = task_losses()
-            grads = [torch.autograd.grad(base[i], params, retain_graph=i < len(tasks) - 1, allow_unused=True)
-                     for i in range(len(tasks))]
-            z = _lookahead(base.detach(), grads, params, lr, buffers, model, task_losses)
-    finally:
-        model.split_shared = split
+    # the model's plain (unsplit) forward: every task's loss reaches the trunk's parameters
+    with torch.random.fork_rng(devices=devices):  # dropout draws here must not shift training's stream
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if devices else []
+        base = task_losses()
+        grads = [torch.autograd.grad(base[i], params, retain_graph=i < len(tasks) - 1, allow_unused=True)
+                 for i in range(len(tasks))]
+        z = _lookahead(base.detach(), grads, params, lr, buffers, model, task_losses)
     labelled = np.array([bool((labels[t.name] >= 0).any()) for t in tasks]) & (base.detach().cpu().numpy() > 0)
     z[~labelled, :] = np.nan
     z[:, ~labelled] = np.nan

@@ -113,7 +113,7 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
     common = [*suite.set, *(extra or []), "baselines={}"]
     cfg = load_config(base, common)
     tasks = _task_names(cfg)
-    archs = [_label(a, "name") for a in suite.architectures] or [_label(cfg.model.architecture, "name")]
+    archs = [_label(a, "name") for a in suite.architectures] or [_label(cfg.model.architecture.to_config(full=False), "name")]
     methods = [_label(m, "method") for m in suite.methods]
     runs: list[Run] = []
     if suite.single_task:

@@ -157,7 +157,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
         if cfg.data.sources:
             raise MTLVisionError("shards: the config sets data.sources (multi-input); pack one source at a time")
-        spec = dict(cfg.data.source)
+        spec = cfg.data.source.to_config()
         given = [flag for flag, value in (("--task", args.task), ("--csv", args.csv), ("--tasks", args.tasks),
                                           ("--test-csv", args.test_csv), ("--split-column", args.split_column),
                                           ("--image-column", args.image_column)) if value is not None]
@@ -176,12 +176,12 @@ def cmd_shards(args: argparse.Namespace) -> None:
                 "skip_corrupt": args.skip_corrupt}
     else:
         spec = {"name": "imagefolder", "path": args.src, "task": args.task, "skip_corrupt": args.skip_corrupt}
-    name = spec.pop("name", None)
-    if name not in ("imagefolder", "csv"):
-        raise MTLVisionError(f"shards: data.source.name is {name!r}; `mtlvision shards` packs imagefolder and csv")
-    params = SOURCES.parse_params(name, {k: v for k, v in spec.items() if v is not None}, "data.source")
+    if spec.get("name") not in ("imagefolder", "csv"):
+        raise MTLVisionError(f"shards: data.source.name is {spec.get('name')!r}; `mtlvision shards` packs "
+                             "imagefolder and csv")
+    source = SOURCES.build(SOURCES.spec({k: v for k, v in spec.items() if v is not None}, "data.source"))
     start = time.perf_counter()
-    index = write_shards(SOURCES.build(name, params), args.out, splits=None if args.split == "all" else [args.split],
+    index = write_shards(source, args.out, splits=None if args.split == "all" else [args.split],
                          shard_size=args.shard_size, max_shard_mb=args.max_shard_mb, seed=args.seed,
                          overwrite=args.overwrite)
     seconds = time.perf_counter() - start

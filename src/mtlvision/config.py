@@ -1,20 +1,36 @@
 """The run configuration: typed sections, YAML loading, `--set key.path=value` overrides.
 
-Pluggable parts (data source, backbone, architecture, balancing method) are written as a mapping with a
-`name` (or `method`) key plus that part's own parameters, which its registry entry validates.
+Pluggable parts (data source, backbone, architecture, head, balancing method) are written as a mapping
+with a `name` (balancing: `method`) key plus that part's own parameters. Each is parsed once, here, by its
+registry into a typed `Spec` (see registry.py); this module imports no part itself.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
 from .errors import ConfigError
+from .registry import ARCHITECTURES, BACKBONES, HEADS, METHODS, SOURCES, Spec
 from .schema import parse, to_dict
+
+SourceSpec = Annotated[Spec, SOURCES.spec]
+BackboneSpec = Annotated[Spec, BACKBONES.spec]
+ArchitectureSpec = Annotated[Spec, ARCHITECTURES.spec]
+HeadSpec = Annotated[Spec, HEADS.spec]
+MethodSpec = Annotated[Spec, METHODS.spec]
+
+# the defaults of every pluggable part, stated once
+DEFAULT_SOURCE, DEFAULT_BACKBONE, DEFAULT_ARCHITECTURE = "shapes", "resnet18", "task-features"
+DEFAULT_HEAD, DEFAULT_METHOD = "linear", "equal"
+FLOAT32_MAX = 3.4028234663852886e38
+# a run name is one path component (the default output is runs/<name>)
+_NAME = re.compile(r"[^/\\\x00-\x1f]+")
 
 
 def _check(ok: bool, key: str, expected: str, value: Any) -> None:
@@ -42,9 +58,9 @@ class DeriveConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "shapes"})
-    # multi-input: one source per task group, one batch per task each step
-    sources: Optional[dict[str, dict[str, Any]]] = None
+    source: Optional[SourceSpec] = None  # default: the shapes source (unless `sources` is given)
+    # multi-input: one source per input group, one batch of each group every step
+    sources: Optional[dict[str, SourceSpec]] = None
     image_size: Optional[int] = None  # resize once at cache time; None keeps the source's size
     channels: Optional[int] = None  # 1 or 3; None keeps the source's channels
     val_fraction: float = 0.1
@@ -64,7 +80,18 @@ class DataConfig:
         for key in ("limit_train", "limit_test"):
             value = getattr(self, key)
             _check(value is None or value > 0, f"data.{key}", "> 0 or null", value)
-        _check(self.source is not None or self.sources, "data.source", "a source mapping", self.source)
+        if self.sources:
+            self.source = None  # multi-input: `source` is not used
+            self.sources = {k: SOURCES.spec(v, f"data.sources.{k}") for k, v in self.sources.items()}
+        else:
+            self.sources = None
+            self.source = SOURCES.spec(self.source if self.source is not None else DEFAULT_SOURCE, "data.source")
+
+    def source_specs(self) -> dict[str, Spec]:
+        """Input group name -> its source: {"main": source} or the multi-input `sources`."""
+        if self.sources:
+            return {k: SOURCES.spec(v, f"data.sources.{k}") for k, v in self.sources.items()}
+        return {"main": SOURCES.spec(self.source, "data.source")}
 
 
 @dataclasses.dataclass
@@ -78,9 +105,14 @@ class TaskOverride:
 
 @dataclasses.dataclass
 class ModelConfig:
-    backbone: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "resnet18"})
-    architecture: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "task-features"})
-    head: dict[str, Any] = dataclasses.field(default_factory=lambda: {"name": "linear"})
+    backbone: BackboneSpec = DEFAULT_BACKBONE
+    architecture: ArchitectureSpec = DEFAULT_ARCHITECTURE
+    head: HeadSpec = DEFAULT_HEAD
+
+    def __post_init__(self) -> None:  # names and mappings given in code become specs too
+        self.backbone = BACKBONES.spec(self.backbone, "model.backbone")
+        self.architecture = ARCHITECTURES.spec(self.architecture, "model.architecture")
+        self.head = HEADS.spec(self.head, "model.head")
 
 
 @dataclasses.dataclass
@@ -105,7 +137,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
-        _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(0 < self.lr <= FLOAT32_MAX, "train.lr", "> 0 (and at most 3.4e38, float32)", self.lr)
+        _check(self.weight_decay <= FLOAT32_MAX, "train.weight_decay", "at most 3.4e38 (float32)",
+               self.weight_decay)
         _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
         _check(0 <= self.momentum < 1, "train.momentum", "in [0, 1)", self.momentum)
         _check(self.warmup_epochs >= 0, "train.warmup_epochs", ">= 0", self.warmup_epochs)
@@ -127,9 +161,15 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     tasks: dict[str, TaskOverride] = dataclasses.field(default_factory=dict)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    balancing: dict[str, Any] = dataclasses.field(default_factory=lambda: {"method": "equal"})
+    balancing: MethodSpec = DEFAULT_METHOD
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+
+    def __post_init__(self) -> None:
+        if not (_NAME.fullmatch(self.name) and self.name not in (".", "..")):
+            raise ConfigError(f"name: {self.name!r} is not allowed: a run name is one folder name under runs/ "
+                              "(no '/', '\\', control characters, '.' or '..'); give --out for another place")
+        self.balancing = METHODS.spec(self.balancing, "balancing")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -142,8 +182,6 @@ def _expand(value: Any) -> Any:
     if isinstance(value, list):
         return [_expand(v) for v in value]
     if isinstance(value, str) and "$" in value:
-        import re
-
         def sub(m: re.Match) -> str:
             name, default = m.group(1), m.group(3)
             return os.environ.get(name, default if default is not None else m.group(0))
@@ -203,34 +241,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if data is not None:
         raw = {**raw, **copy.deepcopy(data)}
     # defaults first, so `--set model.backbone.width=0.5` keeps the default backbone's name
-    raw = apply_overrides(_merge(Config().to_dict(), raw), overrides or [])
-    cfg = parse(Config, _expand(raw), "")
-    validate_components(cfg)
-    return cfg
+    raw = apply_overrides(_merge(_skeleton(), raw), overrides or [])
+    return parse(Config, _expand(raw), "")
 
 
-def validate_components(cfg: Config) -> None:
-    """Check every pluggable part's name and parameters now, before any data is decoded."""
-    from .balancing import METHODS
-    from .data.sources import SOURCES
-    from .models import ARCHITECTURES, BACKBONES, HEADS
-
-    parts = [(BACKBONES, "model.backbone", cfg.model.backbone, "name"),
-             (ARCHITECTURES, "model.architecture", cfg.model.architecture, "name"),
-             (HEADS, "model.head", cfg.model.head, "name"), (METHODS, "balancing", cfg.balancing, "method")]
-    sources = {"data.source": cfg.data.source} if not cfg.data.sources else {
-        f"data.sources.{k}": v for k, v in cfg.data.sources.items()}
-    parts += [(SOURCES, where, spec, "name") for where, spec in sources.items()]
-    for registry, where, spec, key in parts:
-        if key not in spec:
-            raise ConfigError(f"{where}.{key}: required key is missing; valid: {', '.join(registry.names())}")
-        registry.parse_params(spec[key], {k: v for k, v in spec.items() if k != key}, where)
+def _skeleton() -> dict[str, Any]:
+    """The defaults as a config mapping, each pluggable part reduced to its name: a config that names
+    another part must not inherit the default part's parameters."""
+    out = Config().to_dict()
+    out["data"]["source"] = None
+    out["model"] = {k: {"name": v["name"]} for k, v in out["model"].items()}
+    out["balancing"] = {"method": out["balancing"]["method"]}
+    return out
 
 
 def as_config(config: "Config | dict[str, Any] | str | os.PathLike") -> Config:
-    """A Config from a Config, a config dict or a YAML path."""
+    """A Config from a Config (returned as it is), a config dict or a YAML path."""
     if isinstance(config, Config):
-        validate_components(config)
         return config
     return load_config(data=config) if isinstance(config, dict) else load_config(config)
 

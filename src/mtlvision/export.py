@@ -128,8 +128,7 @@ def export_onnx(run: Run | str | os.PathLike, path: str | os.PathLike, opset: Op
     if not isinstance(run, Run):
         run = Run(run, device="cpu")
     source = {"run": run.config.name, "best_epoch": run.best_epoch,
-              "backbone": run.config.model.backbone.get("name", "resnet18"),
-              "architecture": run.config.model.architecture.get("name", "task-features")}
+              "backbone": run.config.model.backbone.name, "architecture": run.config.model.architecture.name}
     return export_model(run.model, run.tasks, run.input, path, opset, source)
 
 

@@ -46,7 +46,7 @@ class Run:
         self.input = best["input"]
         self.best_epoch = best["epoch"]
         self.device = resolve_device(device)
-        self.model = build_model(self.config.model, self.tasks, tuple(self.input["image_shape"]), pretrained=False)
+        self.model = build_model(self.config.model, self.tasks, tuple(self.input["image_shape"]), load_weights=False)
         try:
             self.model.load_state_dict(best["model"])
         except RuntimeError as exc:

@@ -6,15 +6,18 @@ whole validator is the ~80 lines below.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from .errors import ConfigError
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
@@ -32,11 +35,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:  # Annotated[T, parse_fn]: the value is parsed by parse_fn(value, where)
+        return tp.__metadata__[0](value, where)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
         raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
     if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if value is None or a is not type(None)]
+        if len(options) == 1:  # Optional[X] with a value: X's own error is the useful one
+            return _coerce(options[0], value, where)
         matching = []  # branches of the value's own container kind: their error is the useful one
         for arg in typing.get_args(tp):
             try:
@@ -72,8 +80,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string: take it as the number it spells
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -89,14 +105,13 @@ def parse(cls: type, data: Any, where: str) -> Any:
     if dataclasses.is_dataclass(data) and isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{where or 'the config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{where or 'top level of the config'}: unknown key(s) {', '.join(unknown)}; "
+                          f"valid keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
@@ -108,7 +123,9 @@ def parse(cls: type, data: Any, where: str) -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass tree -> plain dicts/lists (for YAML/JSON)."""
+    """Dataclass tree -> plain dicts/lists (for YAML/JSON); objects with `to_config()` give that."""
+    if hasattr(obj, "to_config"):
+        return obj.to_config()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):

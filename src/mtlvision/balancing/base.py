@@ -15,11 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import METHODS, Spec
 from ..tasks import Task
 
-METHODS: Registry = Registry("balancing method")
 
 
 @dataclasses.dataclass
@@ -101,10 +99,6 @@ def gradient_stats(gramian: torch.Tensor, names: list[str]) -> dict[str, dict[st
                        for j, b in enumerate(names) if i < j}}
 
 
-def build_balancer(spec: dict[str, Any], tasks: list[Task], where: str = "balancing") -> Balancer:
-    spec = dict(spec)
-    name = spec.pop("method", None)
-    if name is None:
-        raise ConfigError(f"{where}.method: required key is missing; valid: {', '.join(METHODS.names())}")
-    params: Optional[Any] = METHODS.parse_params(name, spec, where)
-    return METHODS.build(name, params, tasks)
+def build_balancer(spec: Spec | dict[str, Any], tasks: list[Task]) -> Balancer:
+    """The balancing method a spec (or a mapping with its `method`) describes, for `tasks`."""
+    return METHODS.build(METHODS.spec(spec, "balancing"), tasks)

@@ -12,7 +12,8 @@ from ..errors import ConfigError, DataError
 from ..tasks import MISSING, Task
 from .arrays import ImageSet
 from .cache import default_cache_root, load_source
-from .sources import SOURCES, Source, SourceData
+from ..registry import SOURCES, Spec
+from .sources import Source, SourceData
 from .stream import ShardStream, check_stream, stream_of
 
 
@@ -101,31 +102,27 @@ def _limit(s: ImageSet, n: Optional[int], seed: int) -> ImageSet:
     return s.subset(np.sort(np.random.default_rng(seed).permutation(len(s))[:n]))
 
 
-def _load(spec: dict[str, Any], where: str, cfg: Config) -> tuple[SourceData, Source]:
-    spec = dict(spec)
-    name = spec.pop("name", None)
-    if name is None:
-        raise ConfigError(f"{where}.name: required key is missing; valid sources: {', '.join(SOURCES.names())}")
-    params = SOURCES.parse_params(name, spec, where)
-    source = SOURCES.build(name, params, image_size=cfg.data.image_size)
+def _load(spec: Spec, cfg: Config) -> tuple[SourceData, Source]:
+    where = spec.where
+    source = SOURCES.build(spec, image_size=cfg.data.image_size)
     check_stream(source, where, cfg.data)
     root = None
     if cfg.data.cache:
         root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_root()
-    return load_source(name, source, cfg.data.image_size, cfg.data.channels, root), source
+    return load_source(spec.name, source, cfg.data.image_size, cfg.data.channels, root), source
 
 
 def build_data(cfg: Config) -> DataBundle:
     """Build every stream named by the config, apply task overrides, and carve validation splits."""
     d = cfg.data
-    specs = {"main": ("data.source", d.source)} if not d.sources else {
-        k: (f"data.sources.{k}", v) for k, v in d.sources.items()}
+    specs = d.source_specs()
     tasks: list[Task] = []
     streams: list[Stream] = []
     skipped: list[str] = []
     known: set[str] = set()  # every task of every source, derived and disabled ones included
-    for stream_name, (where, spec) in specs.items():
-        data, source = _load(spec, where, cfg)
+    for stream_name, spec in specs.items():
+        where = spec.where
+        data, source = _load(spec, cfg)
         maps = {}  # derived task -> (source task, class map), in order: a streamed split maps each batch
         for name, dspec in d.derive.items():
             if dspec.source in [t.name for t in data.tasks]:

@@ -5,9 +5,8 @@ import dataclasses
 
 from torch import nn
 
-from ..registry import Registry
+from ..registry import HEADS, Spec
 
-HEADS: Registry = Registry("head")
 
 
 @HEADS.register("linear")
@@ -29,7 +28,6 @@ def mlp(p: MlpParams, in_dim: int, num_classes: int) -> nn.Module:
                          nn.Linear(p.hidden, num_classes))
 
 
-def build_head(spec: dict, in_dim: int, num_classes: int, where: str = "model.head") -> nn.Module:
-    spec = dict(spec)
-    name = spec.pop("name", "linear")
-    return HEADS.build(name, HEADS.parse_params(name, spec, where), in_dim, num_classes)
+def build_head(spec: Spec | dict, in_dim: int, num_classes: int) -> nn.Module:
+    """One task's head from its spec: `in_dim` features -> `num_classes` logits."""
+    return HEADS.build(HEADS.spec(spec, "model.head"), in_dim, num_classes)

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import ConfigError
 from ..tasks import Task
-from .architectures import ARCHITECTURES, Architecture, ModelOutput
+from ..registry import ARCHITECTURES, BACKBONES, HEADS
+from .architectures import Architecture, ModelOutput
 from .backbones import build_backbone
 
 
@@ -34,16 +35,17 @@ def profile_architectures(backbone: dict[str, Any], tasks: int = 3, image_size: 
                                ("--channels", channels, 1)):
         if value < low:
             raise ConfigError(f"{option}: expected >= {low}, got {value}")
-    build_backbone(backbone, channels, image_size, where="--backbone")  # a bad name or option fails here
+    spec = BACKBONES.spec(backbone, "--backbone")  # a bad name or option fails here
+    build_backbone(spec, channels, image_size, load_weights=False)
     task_list = [Task(f"task{i}", [str(c) for c in range(classes)]) for i in range(tasks)]
     image = torch.zeros(1, channels, image_size, image_size)
     rows = []
     for entry in ARCHITECTURES.entries():
         row: dict[str, Any] = {"architecture": entry.name, "description": entry.description}
         try:
-            params = ARCHITECTURES.parse_params(entry.name, {}, "model.architecture")
-            model = ARCHITECTURES.build(entry.name, params, build_backbone(backbone, channels, image_size),
-                                        task_list, {"name": "linear"})
+            model = ARCHITECTURES.build(ARCHITECTURES.spec(entry.name, "model.architecture"),
+                                        build_backbone(spec, channels, image_size, load_weights=False),
+                                        task_list, HEADS.spec("linear", "model.head"))
         except ConfigError as exc:
             rows.append({**row, "error": str(exc)})
             continue

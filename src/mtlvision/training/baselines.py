@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, TaskOverride, load_config
+from ..registry import METHODS
 from ..errors import ConfigError, MTLVisionError
 from ..evaluation.delta_m import delta_m
 from ..storage import write_json
@@ -19,7 +20,7 @@ def single_task_config(cfg: Config, task: str, all_tasks: list[str]) -> Config:
     for other in all_tasks:
         o = stl.tasks.setdefault(other, TaskOverride())
         o.enabled = other == task
-    stl.balancing = {"method": "equal"}
+    stl.balancing = METHODS.spec("equal", "balancing")
     stl.baselines.single_task = False
     stl.baselines.runs = {}
     return stl

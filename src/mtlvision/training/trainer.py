@@ -115,8 +115,9 @@ class Trainer:
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.balancer = build_balancer(cfg.balancing, self.tasks).to(self.device)
-        self.model.split_shared = self.balancer.needs_shared_features
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        forward = torch.compile(self.model) if tc.compile else self.model
+        split = self.balancer.needs_shared_features  # feature-space methods differentiate at the cut
+        self.forward = (lambda x: forward(x, split=True)) if split else forward
         self.normalize = Normalize(self.data.mean, self.data.std, self.device, tc.channels_last)
         d = cfg.data
         self.val_sets = [(TensorImages(s.val, self.device), s.tasks) for s in self.data.streams]
@@ -403,8 +404,8 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "peak_memory_mb": peak_memory_mb(self.device),
             "device": str(self.device), "world_size": self.dist.world_size,
-            "balancing": self.cfg.balancing.get("method"),
-            "architecture": self.cfg.model.architecture.get("name"),
+            "balancing": self.cfg.balancing.name,
+            "architecture": self.cfg.model.architecture.name,
             "skipped_images": {"count": len(self.data.skipped), "files": self.data.skipped[:50]},
         }
         if self.dist.is_main:

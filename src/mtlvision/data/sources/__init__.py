@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError
-from ...registry import Registry
+from ...registry import SOURCES
 from ...tasks import Task
 from ..arrays import ImageSet
 
-SOURCES: Registry = Registry("data source")
 
 
 @dataclasses.dataclass

@@ -13,11 +13,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ...registry import Registry
+from ...registry import ARCHITECTURES
 from ...tasks import Task
 from ..backbones import Backbone
 
-ARCHITECTURES: Registry = Registry("architecture")
 
 
 @dataclasses.dataclass
@@ -40,18 +39,20 @@ class Architecture(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.task_names = [t.name for t in tasks]
-        # When True (set by the trainer for feature-space gradient methods) task-specific modules
-        # read detached copies of the trunk tensors, so each loss can be differentiated with respect
-        # to every shared tensor directly, even when one shared tensor also feeds another.
-        self.split_shared = False
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trunk: every parameter upstream of the shared tensors."""
         return list(self.backbone.parameters())
 
-    def cut(self, *trunk: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The tensors task-specific modules should read in place of `trunk`."""
-        if not (self.split_shared and torch.is_grad_enabled()):
+    @staticmethod
+    def cut(*trunk: torch.Tensor, split: bool) -> tuple[torch.Tensor, ...]:
+        """The tensors task-specific modules read in place of `trunk`.
+
+        With `split` (training with a feature-space gradient method, see `forward`) they are detached
+        leaf copies, so each loss can be differentiated with respect to every shared tensor directly,
+        even when one shared tensor also feeds another; the combined gradient is then back-propagated
+        into `trunk` once. Without it (or with gradients off) the graph stays whole."""
+        if not (split and torch.is_grad_enabled()):
             return trunk
         return tuple(t.detach().requires_grad_() for t in trunk)
 
@@ -62,7 +63,8 @@ class Architecture(nn.Module):
     def decode(self, shared: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, split: bool = False) -> ModelOutput:
+        """Each task's logits, and the shared tensors on both sides of the cut (`split`: see `cut`)."""
         trunk = (self.backbone(x),)
-        shared = self.cut(*trunk)
+        shared = self.cut(*trunk, split=split)
         return ModelOutput(self.decode(shared[0]), shared, trunk)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...registry import Spec
 from ...tasks import Task
 from ..backbones import Backbone
 from ..heads import build_head
@@ -62,7 +63,7 @@ class CrossStitch(Architecture):
     task's loss reaches every network's features and the feature-space Gramian is not diagonal.
     """
 
-    def __init__(self, p: CrossStitchParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: CrossStitchParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks)
         n = len(tasks)
         self.copies = nn.ModuleList([copy.deepcopy(backbone) for _ in range(n - 1)])
@@ -83,13 +84,13 @@ class CrossStitch(Architecture):
         """Every network and the stage stitches: all upstream of the stacked pooled features."""
         return [p for m in (self.backbone, self.copies, self.stitches) for p in m.parameters()]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, split: bool = False) -> ModelOutput:
         nets = self.networks()
         xs = [net.stem(x) for net in nets]
         for j, alpha in enumerate(self.stitches):
             xs = stitch(alpha, [net.stages[j](h) for net, h in zip(nets, xs)])
         trunk = torch.stack([net.pool(h) for net, h in zip(nets, xs)], 1)
-        (shared,) = self.cut(trunk)
+        (shared,) = self.cut(trunk, split=split)
         mixed = stitch(self.final_stitch, shared.unbind(1))
         logits = {name: head(z) for name, head, z in zip(self.task_names, self.heads, mixed)}
         return ModelOutput(logits, (shared,), (trunk,))

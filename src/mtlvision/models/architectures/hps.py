@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...registry import Spec
 from ...tasks import Task
 from ..backbones import Backbone
 from ..heads import build_head
@@ -14,7 +15,7 @@ from .base import ARCHITECTURES, Architecture
 class HardSharing(Architecture):
     """Hard parameter sharing: one backbone, one head per task on its features."""
 
-    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks)
         self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
 

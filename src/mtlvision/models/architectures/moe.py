@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...registry import Spec
 from ...tasks import Task
 from ..backbones import Backbone
 from ..heads import build_head
@@ -66,7 +67,8 @@ def _in_channels(stage: nn.Module) -> int:
 
 def _bottom(backbone: Backbone, split: int) -> Backbone:
     """The shared bottom: stem + stages[:split], no pool; its `out_dim` is its output channels."""
-    bottom = Backbone(backbone.stem, list(backbone.stages[:split]), nn.Identity(), _in_channels(backbone.stages[split]))
+    bottom = Backbone(backbone.stem, list(backbone.stages[:split]), nn.Identity(), _in_channels(backbone.stages[split]),
+                      backbone.normalization)
     if not any(True for _ in bottom.parameters()):
         raise ConfigError(f"{WHERE}.split: {split} leaves the shared bottom without parameters (this backbone's stem "
                           "has none), so the gates would read raw pixels; use split >= 1")
@@ -188,11 +190,11 @@ class _MixtureOfExperts(Architecture):
         return frozenset(f"{name}.{p}" for name, m in self.named_modules()
                          if isinstance(m, (SoftmaxGate, DSelectKGate)) for p, _ in m.named_parameters())
 
-    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+    def _run(self, x: torch.Tensor, split: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        return self._run(x)[0]
+    def forward(self, x: torch.Tensor, split: bool = False) -> ModelOutput:
+        return self._run(x, split)[0]
 
     @torch.no_grad()
     def gate_weights(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -213,7 +215,7 @@ class _MixtureOfExperts(Architecture):
 class _GatedExperts(_MixtureOfExperts):
     """K experts shared by every task, one gate per task on GAP(h(x)): MMoE and DSelect-k."""
 
-    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict, experts: int, split: Optional[int],
+    def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, experts: int, split: Optional[int],
                  gate: Callable[[int], nn.Module]) -> None:
         split = _resolve_split(split, len(backbone.stages), len(backbone.stages) - 1)
         bottom = _bottom(backbone, split)
@@ -225,10 +227,10 @@ class _GatedExperts(_MixtureOfExperts):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.backbone.parameters(), *self.experts.parameters()]
 
-    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+    def _run(self, x: torch.Tensor, split: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
         h = self.backbone(x)
         trunk = (_pool(h), _run_experts(self.experts, h))
-        gate_in, experts = self.cut(*trunk)
+        gate_in, experts = self.cut(*trunk, split=split)
         gates = {name: gate(gate_in) for name, gate in zip(self.task_names, self.gates)}
         logits = {name: head(_mix(gates[name], experts)) for name, head in zip(self.task_names, self.heads)}
         return ModelOutput(logits, (gate_in, experts), trunk), gates
@@ -254,7 +256,7 @@ class MMoE(_GatedExperts):
     image version reads the flattened image.
     """
 
-    def __init__(self, p: MMoEParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: MMoEParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks, head, p.experts, p.split, lambda c: SoftmaxGate(c, p.experts))
 
 
@@ -290,7 +292,7 @@ class DSelectK(_GatedExperts):
     selectors off non-existent experts when n is not a power of two (so n must be one).
     """
 
-    def __init__(self, p: DSelectKParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: DSelectKParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks, head, p.experts, p.split,
                          lambda c: DSelectKGate(c, p.experts, p.k, p.gamma, p.entropy_reg))
 
@@ -321,7 +323,7 @@ class _ExtractionLevel(nn.Module):
 class _Extraction(_MixtureOfExperts):
     """Task-specific and shared experts in `levels` extraction networks: CGC (one level) and PLE."""
 
-    def __init__(self, backbone: Backbone, tasks: list[Task], head: dict, levels: int, task_experts: int,
+    def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, levels: int, task_experts: int,
                  shared_experts: int, split: Optional[int]) -> None:
         n = len(backbone.stages)
         if levels > n:
@@ -344,7 +346,7 @@ class _Extraction(_MixtureOfExperts):
         return [*self.backbone.parameters(), *self.levels[:-1].parameters(),
                 *self.levels[-1].shared_experts.parameters()]
 
-    def _run(self, x: torch.Tensor) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
+    def _run(self, x: torch.Tensor, split: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
         h = self.backbone(x)
         n_tasks, gates = len(self.task_names), {}
         inputs, shared_in = [h] * n_tasks, h
@@ -357,7 +359,7 @@ class _Extraction(_MixtureOfExperts):
             gates[f"level{j}/(shared)"] = w_shared
         last = self.levels[-1]
         trunk = ((h,) if len(self.levels) == 1 else tuple(inputs)) + (_run_experts(last.shared_experts, shared_in),)
-        cut = self.cut(*trunk)
+        cut = self.cut(*trunk, split=split)
         inputs = [cut[0]] * n_tasks if len(self.levels) == 1 else list(cut[:-1])
         _, weights, mixed = last.tasks(inputs, cut[-1])
         gates.update(zip(self.task_names, weights))
@@ -387,7 +389,7 @@ class CGC(_Extraction):
     its own parameters.
     """
 
-    def __init__(self, p: CGCParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: CGCParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks, head, 1, p.task_experts, p.shared_experts, p.split)
 
 
@@ -418,5 +420,5 @@ class PLE(_Extraction):
     image PLE has no shared gate (its shared experts read each task's input); this follows the paper.
     """
 
-    def __init__(self, p: PLEParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: PLEParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks, head, p.levels, p.task_experts, p.shared_experts, p.split)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
+from ...registry import Spec
 from ...tasks import Task
 from ..backbones import Backbone
 from ..heads import build_head
@@ -62,7 +63,7 @@ class Mtan(Architecture):
     downstream: task-specific (f and pool receive the plain sum of the task gradients).
     """
 
-    def __init__(self, p: MtanParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: MtanParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks)
         channels = backbone.stage_channels()
         self.attention = nn.ModuleList([
@@ -75,13 +76,13 @@ class Mtan(Architecture):
         """Stem and stages: the backbone's pool reads task-attended features, so it is task-side."""
         return [*self.backbone.stem.parameters(), *self.backbone.stages.parameters()]
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor, split: bool = False) -> ModelOutput:
         x = self.backbone.stem(x)
         trunk = []
         for stage in self.backbone.stages:
             x = stage(x)
             trunk.append(x)
-        shared = self.cut(*trunk)
+        shared = self.cut(*trunk, split=split)
         attended: list[torch.Tensor] = []
         for j, (feat, masks) in enumerate(zip(shared, self.attention)):
             if j == 0:

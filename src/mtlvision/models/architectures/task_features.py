@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ...registry import Spec
 from ...tasks import Task
 from ..backbones import Backbone
 from ..heads import build_head
@@ -38,7 +39,7 @@ class TaskFeatures(Architecture):
 
     no_weight_decay = frozenset({"beta"})
 
-    def __init__(self, p: TaskFeaturesParams, backbone: Backbone, tasks: list[Task], head: dict) -> None:
+    def __init__(self, p: TaskFeaturesParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks)
         t, d, dim = len(tasks), p.feature_dim, backbone.out_dim
         self.sharing = p.sharing
