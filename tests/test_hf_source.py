@@ -164,6 +164,16 @@ def test_image_paths_column_relative_to_the_folder(tmp_path):
     assert data.train.images.shape == (2, 8, 8, 3) and data.test.images[0, 0, 0, 0] == 20
 
 
+def test_image_bytes_column(tmp_path):
+    feats = datasets.Features({"jpeg": datasets.Value("binary"), "age": datasets.ClassLabel(names=["a", "b"])})
+    for split, ages in (("train", [0, 1, 1]), ("test", [1, -1])):
+        datasets.Dataset.from_dict({"jpeg": [png(10 * i) for i in range(len(ages))], "age": ages},
+                                   features=feats).to_parquet(str(tmp_path / "d" / f"{split}.parquet"))
+    data = load_raw({"name": "hf", "path": str(tmp_path / "d"), "image_column": "jpeg"})
+    assert data.train.images[:, 0, 0, 0].tolist() == [0, 10, 20] and data.train.labels["age"].tolist() == [0, 1, 1]
+    assert data.test.labels["age"].tolist() == [1, -1]
+
+
 def test_split_names_slices_and_empty_splits(tmp_path):
     path = str(write(tmp_path / "all.parquet", TRAIN))  # one file: the split `train`
     data = load_raw({"name": "hf", "path": path, "train": "train[:4]", "val": "train[4:5]",
