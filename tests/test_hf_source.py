@@ -121,6 +121,10 @@ def test_columns_that_are_not_labels(tmp_path):
                   feats)
     with pytest.raises(DataError, match=r"column 'score' .*split 'train', row 1\): value 0.5 is not a label"):
         load_raw({"name": "hf", "path": str(path), "tasks": ["score"]})
+    infinite = folder(tmp_path / "inf", {"score": [1.0, float("inf")]}, {"score": [1.0, 0.0]},
+                      datasets.Features({"image": datasets.Image(), "score": datasets.Value("float64")}))
+    with pytest.raises(DataError, match=r"row 1\): value inf is not a label"):
+        load_raw({"name": "hf", "path": str(infinite)})
     with pytest.raises(DataError, match=r"column 'boxes' of .* not a label .*exclude: \[boxes\]"):
         load_raw({"name": "hf", "path": str(path), "exclude": ["score"]})
     many = {"smiling": [True] * 12, "id": list(range(12))}

@@ -278,7 +278,7 @@ def _values(d: Any, col: str, kind: str, where: str) -> tuple[np.ndarray, np.nda
     values = np.asarray(arr.fill_null({"bool": False, "str": ""}.get(kind, 0)).to_numpy())
     if kind == "float":
         miss |= np.isnan(values)
-        frac = np.flatnonzero(~miss & (values != np.round(values)))
+        frac = np.flatnonzero(~miss & ((values != np.round(values)) | np.isinf(values)))
         if len(frac):
             raise DataError(f"{where}, row {int(frac[0])}): value {values[frac[0]]} is not a label; expected "
                             "whole numbers (classes) in a float column")
