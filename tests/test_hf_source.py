@@ -68,9 +68,7 @@ def folder(tmp_path: Path, train=TRAIN, test=TEST, features=FEATURES) -> Path:
 
 def load_raw(source: dict, image_size=None):
     """The source on its own: no cache, no validation split carved from train."""
-    spec = dict(source)
-    params = SOURCES.parse_params(spec.pop("name"), spec, "data.source")
-    return SOURCES.build("hf", params, image_size=image_size).load()
+    return SOURCES.build(SOURCES.spec(source, "data.source"), image_size=image_size).load()
 
 
 def test_label_columns_become_tasks_with_classes_and_missing_labels(tmp_path):
@@ -254,7 +252,7 @@ def test_hub_fingerprint_is_the_commit_datasets_resolved(monkeypatch):
         return types.SimpleNamespace(cache_dir=f"/hf/someone___faces/{name}/0.0.0/{commit}")
 
     monkeypatch.setattr(datasets, "load_dataset_builder", builder)
-    params = SOURCES.parse_params("hf", {"path": "someone/faces", "subset": "attrs", "revision": "main"}, "s")
+    params = SOURCES.spec({"name": "hf", "path": "someone/faces", "subset": "attrs", "revision": "main"}, "s").params
     commit = "a" * 40
     first = HfSource(params).fingerprint()
     commit = "b" * 40  # main moved on

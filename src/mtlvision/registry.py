@@ -55,6 +55,10 @@ class Spec:
             params = {k: v for k, v in params.items() if v != default.get(k, object())}
         return {self.key: self.name, **params}
 
+    def __getitem__(self, key: str) -> Any:
+        """Read access as to the config mapping: spec["name"], spec["width"] (parameters are typed)."""
+        return self.to_config()[key]
+
     def replace(self, **changes: Any) -> "Spec":
         """The same part with some parameters changed (a ConfigError for a parameter it does not have)."""
         fields = {f.name for f in dataclasses.fields(self.params)} if self.params is not None else set()
