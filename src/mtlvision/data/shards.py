@@ -9,7 +9,12 @@ Layout of a shards folder (written by `write_shards`, i.e. `mtlvision shards`):
   members into samples as usual.
 - `index.json`: format name and version, the tasks (with class names), the seed, and per split its
   sample count and, per shard, file name, sample count and size in bytes. It is written atomically after
-  every shard is complete: a folder without it is incomplete and every reader refuses it.
+  every shard is complete: a folder without it is incomplete and every reader refuses it. A shard it names
+  must be a plain file name in the folder: an absolute path, a folder, `..` or a link leading out of the
+  folder is refused.
+
+Reading never trusts a shard's tar headers: a member larger than `max_image_mb`, a sparse member, a link,
+device or fifo is refused naming the shard and member (`files.tar_members`), and labels must be integers.
 
 Samples of a split are shuffled (seeded) before being cut into shards, so each shard mixes classes.
 
@@ -40,12 +45,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DataError
 from ..rng import keyed_generator
 from ..tasks import MISSING, Task
-from .decode import _read, decode
+from .decode import _read, decode, probe
+from .files import DEFAULT_MAX_IMAGE_MB, SizeLimit, tar_members
 
 if TYPE_CHECKING:
     from .sources import Source
@@ -100,7 +105,7 @@ class ShardIndex:
             raise DataError(f"{path}: not a valid shards index ({type(exc).__name__}: {exc})") from None
         for shards in splits.values():
             for s in shards:
-                f = root / s.file
+                f = _shard_path(root, s.file)
                 size = f.stat().st_size if f.is_file() else None
                 if size != s.bytes:
                     found = "is missing" if size is None else f"is {size} bytes"
@@ -114,6 +119,20 @@ class ShardIndex:
         return self.splits[split]
 
 
+def _shard_path(root: Path, file: Any) -> Path:
+    """`root/file` for a shard named in the index; a name leading out of `root` (absolute, with folders or
+    `..`, or a link to a file elsewhere) is refused."""
+    if not isinstance(file, str) or Path(file).is_absolute() or len(Path(file).parts) != 1 or file in (".", ".."):
+        raise DataError(f"{root / INDEX}: shard {file!r} is not a file name in {root}; expected a name like "
+                        "train-00000.tar (no folders, no '..', not absolute)")
+    f = root / file
+    real = f.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise DataError(f"{root / INDEX}: shard {file!r} is a link to {real}, outside {root}; shards must be in "
+                        "the folder")
+    return f
+
+
 # ------------------------------------------------------------------------------------------------
 # writing
 
@@ -121,12 +140,7 @@ def _encoded(x: "EncodedSample", skip: bool) -> Optional[tuple[bytes, str]]:
     """The file's bytes and the extension of their real format; None for an unreadable file when skipping."""
     try:
         data = _read(x.where, x.read)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or "bin"
-                im.verify()
-        except Exception as exc:  # Pillow raises many types for corrupt data
-            raise DataError(f"{x.where}: not a readable image ({type(exc).__name__}: {exc})") from None
+        fmt = probe(data, x.where)
     except DataError:
         if skip:
             return None
@@ -207,7 +221,7 @@ def write_shards(source: "Source", out: str | os.PathLike, *, splits: Optional[I
     format checked with Pillow) in `threads` threads; `index.json` is written last.
     """
     if not hasattr(source, "samples"):
-        raise DataError(f"data.source: {type(source).__name__} has no image files to pack; "
+        raise DataError(f"{source.where}: {type(source).__name__} has no image files to pack; "
                         "`mtlvision shards` reads imagefolder and csv sources")
     if shard_size is None and max_shard_mb is None:
         shard_size = DEFAULT_SHARD_SIZE
@@ -225,7 +239,7 @@ def write_shards(source: "Source", out: str | os.PathLike, *, splits: Optional[I
     skip = bool(getattr(source.params, "skip_corrupt", False))
     max_bytes = None if max_shard_mb is None else int(max_shard_mb * 2**20)
     index: dict[str, Any] = {"format": FORMAT, "version": VERSION, "tasks": [t.to_dict() for t in tasks],
-                             "seed": seed, "splits": {}, "skipped": []}
+                             "seed": seed, "splits": {}, "skipped": [], "warnings": list(source.warnings)}
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
         for split in chosen:
             items = samples[split]
@@ -257,30 +271,34 @@ def write_shards(source: "Source", out: str | os.PathLike, *, splits: Optional[I
 # ------------------------------------------------------------------------------------------------
 # reading
 
-def read_samples(index: ShardIndex, shards: Iterable[ShardInfo]) -> Iterator[Sample]:
-    """(where, encoded image, labels) of every sample of `shards`, in stored order, streaming each tar."""
+def read_samples(index: ShardIndex, shards: Iterable[ShardInfo], limit: SizeLimit = SizeLimit(),
+                 ) -> Iterator[Sample]:
+    """(where, encoded image, labels) of every sample of `shards`, in stored order, streaming each tar; a member
+    over `limit` bytes is refused unread."""
     names = [t.name for t in index.tasks]
     for info in shards:
         path = index.root / info.file
         count = 0
         try:
-            with tarfile.open(path, mode="r|") as tf:
-                members = (m for m in tf if m.isfile())
-                for key, group in itertools.groupby(members, key=lambda m: m.name.split(".", 1)[0]):
-                    parts = {m.name.split(".", 1)[1] if "." in m.name else "": tf.extractfile(m).read()
-                             for m in group}
-                    where = f"{path} sample {key}"
-                    meta, images = parts.pop("json", None), list(parts.items())
-                    if meta is None or len(images) != 1:
-                        raise DataError(f"{where}: expected one image and one .json member, got {sorted(parts)}"
-                                        f"{'' if meta is None else ' + json'}")
-                    try:
-                        labels = json.loads(meta)["labels"]
-                        labels = {t: int(labels.get(t, MISSING)) for t in names}
-                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                        raise DataError(f"{where}: bad .json ({type(exc).__name__}: {exc})") from None
-                    count += 1
-                    yield where, images[0][1], labels
+            members = ((m, read) for m, read in tar_members(path, limit, stream=True) if m.isfile())
+            for key, group in itertools.groupby(members, key=lambda mr: mr[0].name.split(".", 1)[0]):
+                parts = {m.name.split(".", 1)[1] if "." in m.name else "": read() for m, read in group}
+                where = f"{path} sample {key}"
+                meta, images = parts.pop("json", None), list(parts.items())
+                if meta is None or len(images) != 1:
+                    raise DataError(f"{where}: expected one image and one .json member, got {sorted(parts)}"
+                                    f"{'' if meta is None else ' + json'}")
+                try:
+                    labels = json.loads(meta)["labels"]
+                    labels = {t: labels.get(t, MISSING) for t in names}
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise DataError(f"{where}: bad .json ({type(exc).__name__}: {exc})") from None
+                bad = [t for t, v in labels.items() if not isinstance(v, int) or isinstance(v, bool)]
+                if bad:
+                    raise DataError(f"{where}: task {bad[0]!r} label {labels[bad[0]]!r} is not an integer class "
+                                    "index (-1 for missing)")
+                count += 1
+                yield where, images[0][1], labels
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{path}: cannot read shard ({type(exc).__name__}: {exc})") from None
         if count != info.samples:
@@ -309,17 +327,20 @@ class ShardReader(torch.utils.data.IterableDataset):
     so they see it). Each worker ends with one short batch unless `drop_last`. See the module docstring for
     how shards are split across ranks and workers and what `drop_uneven` guarantees. `hold_out` leaves the
     split's last shards out (a validation split held out by whole shards, see `data.source.val_shards`).
+    A shard member (image or label file) over `max_image_mb` is refused without being read.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int = 128,
                  image_size: Optional[int] = None, channels: int = 3, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, drop_uneven: bool = False,
-                 drop_last: bool = False, channels_first: bool = False, hold_out: int = 0) -> None:
+                 drop_last: bool = False, channels_first: bool = False, hold_out: int = 0,
+                 max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
         if batch_size < 1 or shuffle_buffer < 1 or channels not in (1, 3):
             raise DataError(f"batch_size {batch_size} and shuffle_buffer {shuffle_buffer}: expected >= 1; "
                             f"channels {channels}: expected 1 or 3")
+        self.limit = SizeLimit(max_image_mb, "max_image_mb")
         self.index = ShardIndex.load(root)
         shards = self.index.shards(split)
         if not 0 <= hold_out < len(shards):
@@ -370,7 +391,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                        ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """The batches of one worker of this rank (what `__iter__` yields inside DataLoader worker `worker`)."""
         shards, quota = self.plan(num_workers)[worker]
-        samples = read_samples(self.index, shards)
+        samples = read_samples(self.index, shards, self.limit)
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")  # str seeds: same in every process
             samples = _shuffled(samples, self.shuffle_buffer, rng)
