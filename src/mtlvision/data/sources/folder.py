@@ -6,6 +6,7 @@ inside class folders.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import tarfile
 import zlib
@@ -86,33 +87,34 @@ def _list_folder(folder: Path, limit: SizeLimit) -> tuple[Listing, _Ignored]:
     return out, ignored
 
 
-def _failing(exc: DataError) -> Callable[[], bytes]:
-    def read() -> bytes:
-        raise exc
-    return read
-
-
 def _list_tar(tar: Path, limit: SizeLimit) -> tuple[Listing, _Ignored]:
-    """Members `[...]/<class>/<image>`; every image is read here (a tar.gz cannot be read out of order), except
-    one over `limit`, whose reader raises (so `skip_corrupt` can skip it like an unreadable file)."""
-    out, dirs, ancestors, ignored = [], [], set(), _Ignored()
+    """Images at `[...]/<class>/<image>`. The class folders are at the depth where most images are (archives
+    hold `train/<class>/...`, `<class>/...` or deeper prefixes); what lies above or below is reported. Every
+    image is read here (a tar.gz cannot be read out of order); one over `limit` refuses the archive."""
+    files, dirs = [], []  # (path parts, member name, reader: None unless an image)
     for m, read in tar_members(tar, limit):
         parts = Path(m.name).parts
         if m.isdir():
-            dirs.append(m.name.rstrip("/"))
-        elif len(parts) < 2:
-            ignored.top.append(m.name)
-        elif not is_image(m.name):
-            ignored.inner.append(m.name)
+            dirs.append(parts)
         else:
-            try:
-                data = read()
-                reader = lambda d=data: d  # noqa: E731
-            except DataError as exc:  # over the size limit: not read
-                reader = _failing(exc)
-            ancestors.update(str(Path(*parts[:i])) for i in range(1, len(parts)))
-            out.append((Path(m.name), parts[-2], f"{tar}:{m.name}", reader))
-    ignored.empty = sorted(d for d in dirs if d not in ancestors)
+            data = read() if is_image(m.name) and len(parts) >= 2 else None  # read now: a .gz reads in order
+            files.append((parts, m.name, None if data is None else (lambda d=data: d)))
+    depths = collections.Counter(len(parts) for parts, _, reader in files if reader is not None)
+    depth = max(depths, key=lambda d: (depths[d], d)) if depths else 2
+    out, used, ignored = [], set(), _Ignored()
+    for parts, name, reader in files:
+        if reader is not None and len(parts) == depth:
+            out.append((parts, parts[-2], f"{tar}:{name}", reader))
+            used.add(parts[:-1])
+        else:
+            (ignored.top if len(parts) < depth else ignored.inner).append(name)
+    for parts in dirs:
+        if len(parts) == depth - 1 and parts not in used:
+            ignored.empty.append("/".join(parts))
+        elif len(parts) >= depth:
+            ignored.inner.append("/".join(parts) + "/")
+    for names in (ignored.top, ignored.empty, ignored.inner):
+        names.sort()
     # the same order as a folder listing (by path components), so folder and tar give equal arrays
     return [t[1:] for t in sorted(out, key=lambda t: t[0])], ignored
 
