@@ -43,8 +43,8 @@ def check_labels(labels: np.ndarray, num_classes: Optional[int], task: str, wher
         bad = np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))
         if len(bad):
             i = int(bad[0])
-            raise DataError(f"{where}: task {task!r} label {a[i].item()!r} at {locate(i)} is not an integer class index "
-                            f"({len(bad)} such value(s)); a numeric value is turned into classes with bins")
+            raise DataError(f"{where}: task {task!r} label {a[i].item()!r} at {locate(i)} is not an integer class "
+                            f"index ({len(bad)} such value(s)); a numeric value is turned into classes with bins")
     high = np.inf if num_classes is None else num_classes
     bad = np.flatnonzero((a < -1) | (a >= high))
     if len(bad):

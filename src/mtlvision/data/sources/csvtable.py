@@ -104,10 +104,10 @@ class CsvSource(Source):
             counts.pop("", None)
             classes = spec.classes or sorted(counts)
             if not spec.classes and counts:
-                rare = min(classes, key=lambda c: counts[c])
+                rare, names = min(classes, key=lambda c: counts[c]), listing([repr(c) for c in classes], 10)
                 self.warn(f"{w}.tasks.{name}: {len(classes)} classes inferred from column {col!r} of the training "
-                          f"rows: {listing([repr(c) for c in classes], 10)} (fewest rows: {rare!r}, {counts[rare]}); declare "
-                          f"{w}.tasks.{name}.classes to refuse any other value")
+                          f"rows: {names} (fewest rows: {rare!r}, {counts[rare]}); declare {w}.tasks.{name}.classes "
+                          "to refuse any other value")
             tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
         return tasks, columns, rows
 
@@ -160,9 +160,10 @@ def _label(t: Task, index: dict[str, int], column: str, path: Path, line: int, r
     """The class index of one CSV cell (empty = missing), or an error naming the file, line and column."""
     v = row[column].strip()
     if v and v not in index:
+        known = listing([repr(c) for c in t.classes], 20)
         raise DataError(f"{path} line {line}: task {t.name!r} value {v!r} is not a known class (column {column!r}); "
-                        f"expected one of {listing([repr(c) for c in t.classes], 20)} (the training rows' values unless the task "
-                        "declares classes) or an empty cell for missing")
+                        f"expected one of {known} (the training rows' values unless the task declares classes) or an "
+                        "empty cell for missing")
     return index[v] if v else MISSING
 
 
