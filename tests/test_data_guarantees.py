@@ -561,7 +561,7 @@ def test_killed_cache_build_leaves_nothing_behind(tmp_path):
 
 
 def test_cache_build_waits_for_a_live_build_of_the_same_key(tmp_path):
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")
     root = npz_dir(tmp_path / "d", [0, 1, 1, 0])
     source = make_source({"name": "npz", "path": str(root), "tasks": ["y"]})
     cache_root = tmp_path / "cache"
