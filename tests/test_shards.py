@@ -209,7 +209,7 @@ def test_crash_mid_write_leaves_no_index(tmp_path):
     lines[15] = "train/cat/bad.png,cat"
     (tmp_path / "imgs" / "train" / "cat" / "bad.png").write_bytes(b"not an image")
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"bad\.png \(train\.csv line 16\): not a readable image"):
+    with pytest.raises(DataError, match=r"bad\.png \(train\.csv line 16\): cannot decode image"):
         write_shards(src, tmp_path / "out", overwrite=True)
     skipping = source("csv", images=str(tmp_path / "imgs"), csv=str(tmp_path / "train.csv"),
                       test_csv=str(tmp_path / "test.csv"), tasks=["class"], skip_corrupt=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -30,17 +31,29 @@ class ImageSet:
         return ImageSet(np.ascontiguousarray(self.images[idx]), {k: v[idx] for k, v in self.labels.items()})
 
 
-def check_labels(labels: np.ndarray, num_classes: int, task: str, where: str) -> np.ndarray:
-    """Return labels as int64, raising on values outside -1..num_classes-1 (names the first bad row)."""
-    labels = np.asarray(labels).astype(np.int64)
-    bad = np.flatnonzero((labels < -1) | (labels >= num_classes))
+def check_labels(labels: np.ndarray, num_classes: Optional[int], task: str, where: str,
+                 locate: Callable[[int], str] = lambda i: f"row {i}") -> np.ndarray:
+    """Return labels as int64, raising on a non-integer value (1.5, NaN, a string) and, unless `num_classes` is
+    None, on a value outside -1..num_classes-1. Messages name the first bad row, as `locate(row)` says it."""
+    a = np.asarray(labels)
+    if a.dtype.kind not in "biuf":
+        first = f" ({a.flat[0]!r} at {locate(0)})" if a.size else ""
+        raise DataError(f"{where}: task {task!r} labels are {a.dtype}{first}; expected integer class indices")
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"{where}: task {task!r} label {a[i].item()!r} at {locate(i)} is not an integer class "
+                            f"index ({len(bad)} such value(s)); a numeric value is turned into classes with bins")
+    high = np.inf if num_classes is None else num_classes
+    bad = np.flatnonzero((a < -1) | (a >= high))
     if len(bad):
         i = int(bad[0])
-        raise DataError(
-            f"{where}: task {task!r} label {int(labels[i])} at row {i} is out of range; expected 0..{num_classes - 1}"
-            f" or -1 for missing ({len(bad)} bad value(s))"
-        )
-    return labels
+        expected = "-1 for missing or a class index >= 0" if num_classes is None else (
+            f"0..{num_classes - 1} or -1 for missing")
+        raise DataError(f"{where}: task {task!r} label {int(a[i])} at {locate(i)} is out of range; expected {expected}"
+                        f" ({len(bad)} bad value(s))")
+    return a.astype(np.int64)
 
 
 def adapt_images(images: np.ndarray, size: int | None, channels: int | None, chunk: int = 4096) -> np.ndarray:

@@ -9,9 +9,17 @@ Layout of a shards folder (written by `write_shards`, i.e. `mtlvision shards`):
   members into samples as usual.
 - `index.json`: format name and version, the tasks (with class names), the seed, and per split its
   sample count and, per shard, file name, sample count and size in bytes. It is written atomically after
-  every shard is complete: a folder without it is incomplete and every reader refuses it.
+  every shard is complete: a folder without it is incomplete and every reader refuses it. A shard it names
+  must be a plain file name in the folder: an absolute path, a folder, `..` or a link leading out of the
+  folder is refused.
+
+Reading never trusts a shard's tar headers: a member larger than `max_image_mb`, a sparse member, a link,
+device or fifo is refused naming the shard and member (`files.tar_members`), and labels must be integers.
 
 Samples of a split are shuffled (seeded) before being cut into shards, so each shard mixes classes.
+
+Modules: the index and its checks are in `shard_index.py`, the writer in `shard_writer.py`, the reader here
+(this module re-exports all three).
 
 Reading (`ShardReader`): rank r of N takes shards r::N of the epoch's shard order (a permutation seeded by
 (seed, epoch), equal on every rank); DataLoader worker w of W then takes every W-th of those. Samples pass
@@ -25,262 +33,59 @@ from epoch to epoch with the shard order and the shuffle.
 """
 from __future__ import annotations
 
-import dataclasses
-import io
 import itertools
 import json
 import math
 import os
 import random
-import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DataError
 from ..rng import keyed_generator
 from ..tasks import MISSING, Task
-from .decode import _read, decode
+from .decode import decode
+from .files import DEFAULT_MAX_IMAGE_MB, SizeLimit, tar_members
+from .shard_index import FORMAT, INDEX, SPLITS, VERSION, ShardIndex, ShardInfo
+from .shard_writer import DEFAULT_SHARD_SIZE, write_shards
 
-if TYPE_CHECKING:
-    from .sources import Source
-    from .sources.folder import EncodedSample
-
-FORMAT = "mtlvision-shards"
-VERSION = 1
-INDEX = "index.json"
-SPLITS = ("train", "val", "test")
-DEFAULT_SHARD_SIZE = 1000
-_OURS = re.compile(r"^(?:(?:train|val|test)-\d{5}\.tar|\.(?:train|val|test)-\d{5}\.tar\.tmp|\.index\.json\.tmp)$")
-_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "WEBP": "webp", "TIFF": "tiff",
-        "PPM": "ppm"}
+__all__ = ["DEFAULT_SHARD_SIZE", "FORMAT", "INDEX", "SPLITS", "VERSION", "Sample", "ShardIndex", "ShardInfo",
+           "ShardReader", "read_samples", "write_shards"]
 
 Sample = tuple[str, bytes, dict[str, int]]  # where (for messages), encoded image, labels
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    file: str
-    samples: int
-    bytes: int
-
-
-@dataclasses.dataclass
-class ShardIndex:
-    """A complete shards folder: its tasks and, per split, its shards in written order."""
-
-    root: Path
-    tasks: list[Task]
-    splits: dict[str, list[ShardInfo]]
-
-    @classmethod
-    def load(cls, root: str | os.PathLike) -> "ShardIndex":
-        """Read `root/index.json` and check that every shard it lists is there with its recorded size."""
-        root = Path(os.path.expanduser(root))
-        if not root.is_dir():
-            raise DataError(f"{root}: no such folder of shards (resolved to {root.resolve()})")
-        path = root / INDEX
-        if not path.is_file():
-            n = len(list(root.glob("*.tar")))
-            raise DataError(f"{root}: incomplete shards: no {INDEX} ({n} .tar file(s)); the writer did not finish "
-                            "or this is not a `mtlvision shards` output; run `mtlvision shards ... --overwrite`")
-        try:
-            meta = json.loads(path.read_text())
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise DataError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
-                                f"expected {FORMAT!r} version {VERSION}")
-            tasks = [Task.from_dict(t) for t in meta["tasks"]]
-            splits = {s: [ShardInfo(**x) for x in v["shards"]] for s, v in meta["splits"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"{path}: not a valid shards index ({type(exc).__name__}: {exc})") from None
-        for shards in splits.values():
-            for s in shards:
-                f = root / s.file
-                size = f.stat().st_size if f.is_file() else None
-                if size != s.bytes:
-                    found = "is missing" if size is None else f"is {size} bytes"
-                    raise DataError(f"{f} {found}, but {INDEX} says {s.bytes} bytes: incomplete shards or "
-                                    "a modified folder; run `mtlvision shards ... --overwrite` again")
-        return cls(root, tasks, splits)
-
-    def shards(self, split: str) -> list[ShardInfo]:
-        if split not in self.splits:
-            raise DataError(f"{self.root}: no {split!r} split; it has {sorted(self.splits)}")
-        return self.splits[split]
-
-
-# ------------------------------------------------------------------------------------------------
-# writing
-
-def _encoded(x: "EncodedSample", skip: bool) -> Optional[tuple[bytes, str]]:
-    """The file's bytes and the extension of their real format; None for an unreadable file when skipping."""
-    try:
-        data = _read(x.where, x.read)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format or "bin"
-                im.verify()
-        except Exception as exc:  # Pillow raises many types for corrupt data
-            raise DataError(f"{x.where}: not a readable image ({type(exc).__name__}: {exc})") from None
-    except DataError:
-        if skip:
-            return None
-        raise
-    return data, _EXT.get(fmt, fmt.lower())
-
-
-class _ShardWriter:
-    """Appends samples to `SPLIT-NNNNN.tar` files, starting a new one at the sample or byte limit."""
-
-    def __init__(self, out: Path, split: str, shard_size: Optional[int], max_bytes: Optional[int]) -> None:
-        self.out, self.split, self.shard_size, self.max_bytes = out, split, shard_size, max_bytes
-        self.done: list[ShardInfo] = []
-        self.file: Optional[io.BufferedWriter] = None
-        self.tar: Optional[tarfile.TarFile] = None
-        self.count = 0
-
-    @staticmethod
-    def _final_size(offset: int, *members: bytes) -> int:
-        """The tar's size once these members are added and it is closed (two zero blocks, 10 KiB records)."""
-        end = offset + sum(512 + -(-len(m) // 512) * 512 for m in members) + 1024
-        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-    def add(self, key: str, ext: str, data: bytes, meta: bytes) -> None:
-        full = self.tar is not None and (
-            (self.shard_size is not None and self.count >= self.shard_size)
-            or (self.max_bytes is not None and self._final_size(self.tar.offset, data, meta) > self.max_bytes))
-        if full:
-            self.close()
-        if self.tar is None:
-            self.file = open(self.out / f".{self.split}-{len(self.done):05d}.tar.tmp", "wb")
-            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
-            self.count = 0
-        for name, blob in ((f"{key}.{ext}", data), (f"{key}.json", meta)):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(blob), 0o444, 0  # fixed metadata: same input, same bytes
-            self.tar.addfile(info, io.BytesIO(blob))
-        self.count += 1
-
-    def close(self) -> None:
-        """Finish the open shard and rename it to its final name."""
-        if self.tar is None:
-            return
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        name = f"{self.split}-{len(self.done):05d}.tar"
-        tmp = self.out / f".{name}.tmp"
-        size = tmp.stat().st_size
-        os.replace(tmp, self.out / name)
-        self.done.append(ShardInfo(name, self.count, size))
-        self.tar = self.file = None
-
-
-def _prepare(out: Path, overwrite: bool) -> None:
-    """Create `out`, or empty a previous output (index first, so it is never complete in between)."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
-    entries = sorted(out.iterdir()) if out.is_dir() else []
-    if entries and not overwrite:
-        raise DataError(f"{out}: folder is not empty ({len(entries)} entries); choose a new folder, or pass "
-                        "--overwrite to replace a previous `mtlvision shards` output")
-    (out / INDEX).unlink(missing_ok=True)
-    for p in entries:
-        if _OURS.match(p.name):
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def write_shards(source: "Source", out: str | os.PathLike, *, splits: Optional[Iterable[str]] = None,
-                 shard_size: Optional[int] = None, max_shard_mb: Optional[float] = None, seed: int = 0,
-                 overwrite: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
-    """Pack the image files of `source` (imagefolder or csv) into shards under `out`; returns the index.
-
-    `splits` defaults to every split the source has. A shard closes at `shard_size` samples or before it
-    would pass `max_shard_mb` (default, when neither is given: 1000 samples). Files are read (and their
-    format checked with Pillow) in `threads` threads; `index.json` is written last.
-    """
-    if not hasattr(source, "samples"):
-        raise DataError(f"data.source: {type(source).__name__} has no image files to pack; "
-                        "`mtlvision shards` reads imagefolder and csv sources")
-    if shard_size is None and max_shard_mb is None:
-        shard_size = DEFAULT_SHARD_SIZE
-    if shard_size is not None and shard_size < 1:
-        raise DataError(f"shard size: expected >= 1 sample, got {shard_size}")
-    if max_shard_mb is not None and max_shard_mb <= 0:
-        raise DataError(f"max shard size: expected > 0 MB, got {max_shard_mb}")
-    tasks, samples = source.samples()
-    chosen = list(samples) if splits is None else list(splits)
-    for s in chosen:
-        if s not in samples:
-            raise DataError(f"split {s!r}: the source has splits {list(samples)}")
-    out = Path(os.path.expanduser(out))
-    _prepare(out, overwrite)
-    skip = bool(getattr(source.params, "skip_corrupt", False))
-    max_bytes = None if max_shard_mb is None else int(max_shard_mb * 2**20)
-    index: dict[str, Any] = {"format": FORMAT, "version": VERSION, "tasks": [t.to_dict() for t in tasks],
-                             "seed": seed, "splits": {}, "skipped": []}
-    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        for split in chosen:
-            items = samples[split]
-            order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
-            writer = _ShardWriter(out, split, shard_size, max_bytes)
-            n = 0
-            for start in range(0, len(order), 256):  # bounded read-ahead, in the shuffled order
-                chunk = [items[i] for i in order[start:start + 256]]
-                for x, enc in zip(chunk, pool.map(lambda x: _encoded(x, skip), chunk)):
-                    if enc is None:
-                        index["skipped"].append(x.where)
-                        continue
-                    meta = json.dumps({"labels": x.labels, "source": x.file}).encode()
-                    writer.add(f"{split}-{n:08d}", enc[1], enc[0], meta)
-                    n += 1
-            writer.close()
-            if n == 0:
-                raise DataError(f"split {split!r}: no readable images among {len(items)} file(s)")
-            index["splits"][split] = {"samples": n, "shards": [dataclasses.asdict(s) for s in writer.done]}
-    tmp = out / f".{INDEX}.tmp"  # written like the shards (umask permissions), renamed over the final name
-    with open(tmp, "w") as f:
-        f.write(json.dumps(index, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / INDEX)
-    return index
-
-
-# ------------------------------------------------------------------------------------------------
-# reading
-
-def read_samples(index: ShardIndex, shards: Iterable[ShardInfo]) -> Iterator[Sample]:
-    """(where, encoded image, labels) of every sample of `shards`, in stored order, streaming each tar."""
+def read_samples(index: ShardIndex, shards: Iterable[ShardInfo], limit: SizeLimit = SizeLimit(),
+                 ) -> Iterator[Sample]:
+    """(where, encoded image, labels) of every sample of `shards`, in stored order, streaming each tar; a member
+    over `limit` bytes is refused unread."""
     names = [t.name for t in index.tasks]
     for info in shards:
         path = index.root / info.file
         count = 0
         try:
-            with tarfile.open(path, mode="r|") as tf:
-                members = (m for m in tf if m.isfile())
-                for key, group in itertools.groupby(members, key=lambda m: m.name.split(".", 1)[0]):
-                    parts = {m.name.split(".", 1)[1] if "." in m.name else "": tf.extractfile(m).read()
-                             for m in group}
-                    where = f"{path} sample {key}"
-                    meta, images = parts.pop("json", None), list(parts.items())
-                    if meta is None or len(images) != 1:
-                        raise DataError(f"{where}: expected one image and one .json member, got {sorted(parts)}"
-                                        f"{'' if meta is None else ' + json'}")
-                    try:
-                        labels = json.loads(meta)["labels"]
-                        labels = {t: int(labels.get(t, MISSING)) for t in names}
-                    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                        raise DataError(f"{where}: bad .json ({type(exc).__name__}: {exc})") from None
-                    count += 1
-                    yield where, images[0][1], labels
+            members = ((m, read) for m, read in tar_members(path, limit, stream=True) if m.isfile())
+            for key, group in itertools.groupby(members, key=lambda mr: mr[0].name.split(".", 1)[0]):
+                parts = {m.name.split(".", 1)[1] if "." in m.name else "": read() for m, read in group}
+                where = f"{path} sample {key}"
+                meta, images = parts.pop("json", None), list(parts.items())
+                if meta is None or len(images) != 1:
+                    raise DataError(f"{where}: expected one image and one .json member, got {sorted(parts)}"
+                                    f"{'' if meta is None else ' + json'}")
+                try:
+                    labels = json.loads(meta)["labels"]
+                    labels = {t: labels.get(t, MISSING) for t in names}
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise DataError(f"{where}: bad .json ({type(exc).__name__}: {exc})") from None
+                bad = [t for t, v in labels.items() if not isinstance(v, int) or isinstance(v, bool)]
+                if bad:
+                    raise DataError(f"{where}: task {bad[0]!r} label {labels[bad[0]]!r} is not an integer class "
+                                    "index (-1 for missing)")
+                count += 1
+                yield where, images[0][1], labels
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{path}: cannot read shard ({type(exc).__name__}: {exc})") from None
         if count != info.samples:
@@ -309,17 +114,20 @@ class ShardReader(torch.utils.data.IterableDataset):
     so they see it). Each worker ends with one short batch unless `drop_last`. See the module docstring for
     how shards are split across ranks and workers and what `drop_uneven` guarantees. `hold_out` leaves the
     split's last shards out (a validation split held out by whole shards, see `data.source.val_shards`).
+    A shard member (image or label file) over `max_image_mb` is refused without being read.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", *, batch_size: int = 128,
                  image_size: Optional[int] = None, channels: int = 3, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, drop_uneven: bool = False,
-                 drop_last: bool = False, channels_first: bool = False, hold_out: int = 0) -> None:
+                 drop_last: bool = False, channels_first: bool = False, hold_out: int = 0,
+                 max_image_mb: float = DEFAULT_MAX_IMAGE_MB) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} of world size {world_size}: expected 0 <= rank < world_size")
         if batch_size < 1 or shuffle_buffer < 1 or channels not in (1, 3):
             raise DataError(f"batch_size {batch_size} and shuffle_buffer {shuffle_buffer}: expected >= 1; "
                             f"channels {channels}: expected 1 or 3")
+        self.limit = SizeLimit(max_image_mb, "max_image_mb")
         self.index = ShardIndex.load(root)
         shards = self.index.shards(split)
         if not 0 <= hold_out < len(shards):
@@ -370,7 +178,7 @@ class ShardReader(torch.utils.data.IterableDataset):
                        ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """The batches of one worker of this rank (what `__iter__` yields inside DataLoader worker `worker`)."""
         shards, quota = self.plan(num_workers)[worker]
-        samples = read_samples(self.index, shards)
+        samples = read_samples(self.index, shards, self.limit)
         if self.shuffle:
             rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")  # str seeds: same in every process
             samples = _shuffled(samples, self.shuffle_buffer, rng)

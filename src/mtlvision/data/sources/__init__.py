@@ -16,6 +16,7 @@ from ...errors import DataError
 from ...registry import SOURCES
 from ...tasks import Task
 from ..arrays import ImageSet
+from ..files import SizeLimit
 
 
 
@@ -26,19 +27,36 @@ class SourceData:
     test: ImageSet
     val: ImageSet | None = None
     skipped: list[str] = dataclasses.field(default_factory=list)  # unreadable files skipped
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what the source ignored or inferred, said once
 
 
 class Source:
-    """Base class: subclasses implement `load()` and list their input paths in `inputs()`."""
+    """Base class: subclasses implement `load()` and list their input paths in `inputs()`.
+
+    `where` is the config key the source came from (`data.source`, or `data.sources.NAME` in multi-input
+    runs): messages that name a parameter name it as `{where}.KEY`. `warn()` records what a source ignored
+    or inferred (empty class folders, class lists taken from the data...): `load()` returns them in
+    `SourceData.warnings`, each once.
+    """
 
     cacheable = True
 
-    def __init__(self, params: Any, image_size: int | None = None) -> None:
+    def __init__(self, params: Any, image_size: int | None = None, where: str = "data.source") -> None:
         self.params = params
         self.image_size = image_size  # sources that decode files resize to this while decoding
+        self.where = where
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def inputs(self) -> list[Path]:
         return []
+
+    def size_limit(self) -> SizeLimit:
+        """The bound on one image file's bytes, from the source's `max_image_mb` parameter."""
+        return SizeLimit(self.params.max_image_mb, f"{self.where}.max_image_mb")
 
     def fingerprint(self) -> dict[str, Any]:
         """Parameters plus size and mtime (ns) of every input file: any change invalidates the cache."""
@@ -53,6 +71,12 @@ class Source:
 
     def load(self) -> SourceData:
         raise NotImplementedError
+
+
+def listing(names: list[str], most: int = 5) -> str:
+    """`a, b, c (+4 more)`: the first `most` names of a list, for one-line messages."""
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def existing_path(path: str, key: str) -> Path:

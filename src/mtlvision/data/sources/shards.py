@@ -16,6 +16,7 @@ import numpy as np
 from ...errors import ConfigError, DataError
 from ..arrays import ImageSet, check_labels
 from ..decode import decode_all
+from ..files import DEFAULT_MAX_IMAGE_MB
 from ..shards import INDEX, ShardIndex, ShardInfo, read_samples
 from . import SOURCES, Source, SourceData, existing_path
 
@@ -32,6 +33,7 @@ class ShardsParams:
     workers: int = 0  # streaming: DataLoader worker processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # streaming: samples in each reader's shuffle buffer
     val_shards: int = 0  # streaming, shards without a val split: hold out the last K training shards as val
+    max_image_mb: float = DEFAULT_MAX_IMAGE_MB  # a larger shard member is refused without reading it
 
 
 @SOURCES.register("shards", params=ShardsParams)
@@ -39,7 +41,7 @@ class ShardsSource(Source):
     """WebDataset-style tar shards written by `mtlvision shards` (index.json + SPLIT-NNNNN.tar)."""
 
     def _index(self) -> ShardIndex:
-        return ShardIndex.load(existing_path(self.params.path, "data.source.path"))
+        return ShardIndex.load(existing_path(self.params.path, f"{self.where}.path"))
 
     def fingerprint(self) -> dict[str, Any]:
         """The decoded content's key: reader options are left out, and so are the streaming ones when not
@@ -55,15 +57,15 @@ class ShardsSource(Source):
         p, train = self.params, index.shards("train")
         if "val" in index.splits:
             if p.val_shards:
-                raise ConfigError(f"data.source.val_shards: {index.root} has its own val split; remove val_shards")
+                raise ConfigError(f"{self.where}.val_shards: {index.root} has its own val split; remove val_shards")
             return train, index.shards("val"), "val"
         if not p.val_shards:
-            raise DataError(f"{index.root}: data.source.stream: true needs a validation split, and the shards have "
+            raise DataError(f"{index.root}: {self.where}.stream: true needs a validation split, and the shards have "
                             f"none (splits {sorted(index.splits)}); write one (`mtlvision shards ... --split all` "
-                            "from a source with a val split, e.g. a CSV split column), or set data.source."
+                            f"from a source with a val split, e.g. a CSV split column), or set {self.where}."
                             "val_shards: K to hold out the last K training shards as validation (never streamed)")
         if p.val_shards >= len(train):
-            raise DataError(f"data.source.val_shards: {p.val_shards} of the {len(train)} training shard(s) of "
+            raise DataError(f"{self.where}.val_shards: {p.val_shards} of the {len(train)} training shard(s) of "
                             f"{index.root} would leave none to stream")
         return train[:-p.val_shards], train[-p.val_shards:], f"train split, last {p.val_shards} shard(s)"
 
@@ -82,9 +84,9 @@ class ShardsSource(Source):
         skipped: list[str] = []
 
         def decoded(shards: list[ShardInfo], split: str, limit: Optional[int] = None) -> ImageSet:
-            samples = list(itertools.islice(read_samples(index, shards), limit))
+            samples = list(itertools.islice(read_samples(index, shards, self.size_limit()), limit))
             imgs, kept = decode_all([(where, lambda d=data: d) for where, data, _ in samples], self.image_size,
-                                    p.channels, p.skip_corrupt, skipped)
+                                    p.channels, p.skip_corrupt, skipped, self.where)
             labels = {t.name: check_labels(np.array([samples[i][2][t.name] for i in kept], np.int64), t.num_classes,
                                            t.name, f"{index.root} ({split} split)") for t in index.tasks}
             return ImageSet(imgs, labels)
