@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from mtlvision.affinity import AffinityTrainer, best_groupings, lookahead_affinity
+from mtlvision.affinity import affinity_trainer, best_groupings, lookahead_affinity
 from mtlvision.cli import main
 from mtlvision.config import load_config
 from mtlvision.errors import ConfigError, MTLVisionError
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import build_trainer
 
 
 def _brute_force(z, budget):
@@ -88,7 +88,7 @@ def _cfg(**over):
 
 
 def test_lookahead_matches_its_definition_and_leaves_the_model_untouched(tmp_path):
-    trainer = Trainer(_cfg(), tmp_path / "a", quiet=True)
+    trainer = build_trainer(_cfg(), tmp_path / "a", quiet=True)
     x, labels, rows = trainer.next_batch(0, 0)
     model = trainer.model
     before = copy.deepcopy(model.state_dict())
@@ -118,7 +118,7 @@ def test_lookahead_matches_its_definition_and_leaves_the_model_untouched(tmp_pat
 
 
 def test_every_forward_of_a_measurement_draws_the_same_dropout(tmp_path):
-    trainer = Trainer(_cfg(model__backbone__dropout=0.5), tmp_path / "d", quiet=True)
+    trainer = build_trainer(_cfg(model__backbone__dropout=0.5), tmp_path / "d", quiet=True)
     x, labels, rows = trainer.next_batch(0, 0)
     for group in trainer.optimizer.param_groups:
         group["lr"] = 0.0  # the lookahead step moves nothing: only different dropout masks could change a loss
@@ -126,7 +126,7 @@ def test_every_forward_of_a_measurement_draws_the_same_dropout(tmp_path):
 
 
 def test_tasks_without_labels_in_a_batch_are_left_out_of_the_average(tmp_path):
-    trainer = AffinityTrainer(_cfg(), tmp_path / "p", every=1, quiet=True)
+    trainer, measure = affinity_trainer(_cfg(), tmp_path / "p", every=1, quiet=True)
     x, labels, rows = trainer.next_batch(0, 0)
     z = lookahead_affinity(trainer, x, {**labels, "size": torch.full_like(labels["size"], -1)}, rows)
     size = [t.name for t in trainer.tasks].index("size")
@@ -143,20 +143,20 @@ def test_tasks_without_labels_in_a_batch_are_left_out_of_the_average(tmp_path):
     trainer.next_batch = next_batch
     trainer.train_step(0, 0)
     trainer.train_step(0, 1)
-    m = trainer.matrix()
-    assert np.isfinite(m).all() and trainer.pair_counts[0][size, size] == 1 and trainer.pair_counts[0][0, 1] == 2
+    m = measure.matrix()
+    assert np.isfinite(m).all() and measure.pair_counts[0][size, size] == 1 and measure.pair_counts[0][0, 1] == 2
 
 
 def test_measuring_does_not_change_training(tmp_path):
     """Same final weights with and without measurement (feature-space method: the split graph is handled)."""
     cfg = _cfg(balancing={"method": "mgda"}, model__backbone__dropout=0.2)
-    plain = Trainer(cfg, tmp_path / "plain", quiet=True)  # seeds the global RNG (dropout draws) itself
+    plain = build_trainer(cfg, tmp_path / "plain", quiet=True)  # seeds the global RNG (dropout draws) itself
     for step in range(6):
         plain.train_step(0, step)
-    measured = AffinityTrainer(cfg, tmp_path / "measured", every=3, quiet=True)
+    measured, measure = affinity_trainer(cfg, tmp_path / "measured", every=3, quiet=True)
     for step in range(6):
         measured.train_step(0, step)
-    assert sum(measured.counts.values()) == 2 and np.abs(measured.matrix()).sum() > 0
+    assert sum(measure.counts.values()) == 2 and np.abs(measure.matrix()).sum() > 0
     for a, b in zip(plain.model.state_dict().values(), measured.model.state_dict().values()):
         torch.testing.assert_close(a, b)
 

@@ -12,7 +12,7 @@ from mtlvision.models import build_model
 from mtlvision.models.architectures.moe import DSelectKGate, smooth_step
 from mtlvision.tasks import Task
 from mtlvision.training.optim import build_optimizer
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 from conftest import tiny_config
 

@@ -12,7 +12,7 @@ from mtlvision.config import ModelConfig, load_config
 from mtlvision.errors import ConfigError
 from mtlvision.models import ARCHITECTURES, build_model
 from mtlvision.tasks import Task
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 from conftest import tiny_config
 

@@ -9,7 +9,7 @@ import torch
 
 from mtlvision.config import load_config
 from mtlvision.models import ARCHITECTURES
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import build_trainer
 
 from conftest import tiny_config
 
@@ -42,7 +42,7 @@ def test_every_architecture_trains_multi_input(arch, method, bars, tmp_path):
                    "image_size": 16, "channels": 3, "batch_size": 16}
     threads = torch.get_num_threads()
     try:
-        trainer = Trainer(load_config(data=cfg), tmp_path / "run", quiet=True)
+        trainer = build_trainer(load_config(data=cfg), tmp_path / "run", quiet=True)
         losses, logits, _, _, n = trainer.train_step(0, 0)
         assert n == 32 and len(logits["bars"]) == 16 and len(logits["shape"]) == 16  # one batch per dataset
         summary = trainer.fit()

@@ -122,7 +122,7 @@ def test_set_creates_multi_input_sources_and_bad_yaml_value():
 
 
 def test_device_is_validated():
-    from mtlvision.training.trainer import resolve_device
+    from mtlvision.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ConfigError, match="train.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"):

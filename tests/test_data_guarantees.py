@@ -28,10 +28,7 @@ from mtlvision.errors import ConfigError, DataError
 
 
 def make_source(spec: dict, where: str = "data.source", image_size=None):
-    spec = dict(spec)
-    name = spec.pop("name")
-    kw = {} if where == "data.source" else {"where": where}  # Source(where=...) is the only way to set it
-    return SOURCES.build(name, SOURCES.parse_params(name, spec, where), image_size=image_size, **kw)
+    return SOURCES.build(SOURCES.spec(spec, where), image_size=image_size, where=where)
 
 
 def load(spec: dict, **kw):
@@ -539,8 +536,8 @@ def save_then_die(path, arr):
     real(path, arr)
     os.kill(os.getpid(), signal.SIGKILL)  # killed mid-build, with one split written
 cache.np.save = save_then_die
-params = SOURCES.parse_params("npz", {"path": sys.argv[1], "tasks": ["y"]}, "data.source")
-cache.load_source("n", SOURCES.build("npz", params), None, None, cache.Path(sys.argv[2]))
+spec = SOURCES.spec({"name": "npz", "path": sys.argv[1], "tasks": ["y"]}, "data.source")
+cache.load_source("n", SOURCES.build(spec), None, None, cache.Path(sys.argv[2]))
 """
 
 

@@ -27,7 +27,7 @@ from mtlvision.config import load_config
 from mtlvision.data.arrays import ImageSet
 from mtlvision.data.loader import TensorImages, TrainLoader
 from mtlvision.errors import CheckpointError
-from mtlvision.training.trainer import Trainer, train
+from mtlvision.training import Trainer, build_trainer, train
 
 from conftest import tiny_config
 
@@ -75,10 +75,10 @@ def _steps(batch_size: int, out: Path) -> dict:
         cfg = _cfg(batch_size, {"method": method, **{k: v for k, v in params.items() if k == "space"}})
         if "arch" in params:
             cfg["model"]["architecture"] = {"name": params["arch"]}
-        tr = Trainer(load_config(data=cfg), out, quiet=True)
+        tr = build_trainer(load_config(data=cfg), out, quiet=True)
         if params.get("missing"):
             _drop_labels(tr)
-        evaluated = tr._evaluate(tr.val_sets) if method == "equal" else None  # on the initial weights
+        evaluated = tr.evaluate(tr.parts.val_sets) if method == "equal" else None  # on the initial weights
         tr.model.train()
         for m in tr.model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -143,7 +143,7 @@ def test_fit_writes_once_from_rank_zero(runs):
     assert lines[-1]["step"] == 2 * (180 * 9 // 10 // (2 * B))
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
     with pytest.raises(CheckpointError, match="written by a run of 2 process"):  # one process cannot resume it
-        Trainer(load_config(data=_cfg(B, {"method": "famo"}, train__epochs=2)), out, resume=True, quiet=True).fit()
+        build_trainer(load_config(data=_cfg(B, {"method": "famo"}, train__epochs=2)), out, resume=True, quiet=True).fit()
 
 
 def test_rank_slices_make_up_the_global_batch():
@@ -168,11 +168,11 @@ def test_torchrun_restart_resumes_when_a_checkpoint_exists(tmp_path, monkeypatch
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert Trainer(cfg, tmp_path / "run", quiet=True).resume
-    assert not Trainer(cfg, tmp_path / "fresh", quiet=True).resume  # died before its first checkpoint
+    assert build_trainer(cfg, tmp_path / "run", quiet=True).resume
+    assert not build_trainer(cfg, tmp_path / "fresh", quiet=True).resume  # died before its first checkpoint
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(CheckpointError, match="already holds a run"):
-        Trainer(cfg, tmp_path / "run", quiet=True)
+        build_trainer(cfg, tmp_path / "run", quiet=True)
 
 
 def _free_port() -> int:

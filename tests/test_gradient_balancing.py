@@ -9,7 +9,7 @@ from mtlvision.balancing.gradient import GradientBalancer, GradientParams
 from mtlvision.config import ModelConfig, load_config
 from mtlvision.models import build_model
 from mtlvision.tasks import Task
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 from conftest import tiny_config
 

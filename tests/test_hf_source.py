@@ -19,7 +19,7 @@ from mtlvision.config import load_config  # noqa: E402
 from mtlvision.data import SOURCES, build_data  # noqa: E402
 from mtlvision.data.sources.hf import HfSource  # noqa: E402
 from mtlvision.errors import ConfigError, DataError  # noqa: E402
-from mtlvision.training.trainer import train  # noqa: E402
+from mtlvision.training import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NAN = float("nan")
@@ -217,14 +217,14 @@ def test_decoded_once_then_reused_and_rebuilt_when_a_file_changes(tmp_path, monk
     cfg = load_config(data={"data": {"source": {"name": "hf", "path": str(path), "tasks": ["smiling"]},
                                      "val_fraction": 0.2}})
     first, second = build_data(cfg), build_data(cfg)
-    assert len(calls) == 1 and len(list((tmp_path / "cache").iterdir())) == 1
-    assert np.array_equal(first.streams[0].test.labels["smiling"], second.streams[0].test.labels["smiling"])
+    assert len(calls) == 1 and len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 1
+    assert np.array_equal(first.groups[0].test.labels["smiling"], second.groups[0].test.labels["smiling"])
     write(path / "test.parquet", {**TEST, "smiling": [True, True, False]})
     st = (path / "test.parquet").stat()
     os.utime(path / "test.parquet", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime
     third = build_data(cfg)
-    assert len(calls) == 2 and len(list((tmp_path / "cache").iterdir())) == 2
-    assert third.streams[0].test.labels["smiling"].tolist() == [1, 1, 0]
+    assert len(calls) == 2 and len([p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]) == 2
+    assert third.groups[0].test.labels["smiling"].tolist() == [1, 1, 0]
 
 
 def test_without_datasets_installed_the_error_says_what_to_install(tmp_path, monkeypatch):
@@ -308,7 +308,7 @@ def test_celeba_config_validates_and_trains_on_a_local_copy(tmp_path):
     bundle = build_data(cfg)
     assert [t.name for t in bundle.tasks] == CELEBA_ATTRIBUTES  # celeb_id excluded
     assert all(t.classes == ["false", "true"] for t in bundle.tasks)
-    s = bundle.streams[0]
+    s = bundle.groups[0]
     assert (len(s.train), len(s.val), len(s.test)) == (40, 8, 8) and s.train.images.shape[1:] == (16, 16, 3)
     summary = train(cfg, tmp_path / "run", quiet=True)
     assert sorted(summary["tasks"]) == sorted(CELEBA_ATTRIBUTES)

@@ -7,7 +7,7 @@ import pytest
 
 from mtlvision.config import load_config
 from mtlvision.data import build_data
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_cifar10_imagefolder_tars_with_aux_task(shared_data, tmp_path):
     cfg = load_config(CONFIGS / "cifar10_aux.yaml", overrides=[f"data.source.path={shared_data}/cifar10"])
     data = build_data(cfg)
-    s = data.streams[0]
+    s = data.groups[0]
     assert (len(s.train), len(s.val), len(s.test)) == (45000, 5000, 10000)
     assert s.train.images.shape[1:] == (32, 32, 3) and s.flip
     assert data.task("class").classes[0] == "airplane"
@@ -41,7 +41,7 @@ def test_multimnist_build_and_train(shared_data, tmp_path):
         f"data.source.path={shared_data}/mnist", "data.limit_train=4000", "data.limit_test=1000",
         "train.epochs=2", "model.backbone.width=16"])
     data = build_data(cfg)
-    s = data.streams[0]
+    s = data.groups[0]
     assert s.test.images.shape[1:] == (28, 28, 1) and not s.flip
     assert len(s.test) == 1000
     summary = train(cfg, tmp_path / "mm", quiet=True)
@@ -54,7 +54,7 @@ def test_utkface_folds_and_missing_labels(shared_data, tmp_path):
         f"data.source.path={shared_data}/utkface_crop_part1", "baselines.single_task=false",
         "train.epochs=1", "model.backbone.width=0.125", "data.limit_train=1500"])
     data = build_data(cfg)
-    s = data.streams[0]
+    s = data.groups[0]
     meta = np.concatenate([np.load(f)["fold"] for f in sorted((shared_data / "utkface_crop_part1").glob("all-*.npz"))])
     files = sorted((shared_data / "utkface_crop_part1").glob("all-*.npz"))
     dup = np.concatenate([np.load(f)["is_duplicate"] for f in files])
@@ -69,13 +69,13 @@ def test_utkface_folds_and_missing_labels(shared_data, tmp_path):
 
 def test_omniglot_and_fashion_mnist_configs_build(shared_data):
     om = build_data(load_config(CONFIGS / "omniglot.yaml", overrides=[f"data.source.path={shared_data}/omniglot"]))
-    s = om.streams[0]
+    s = om.groups[0]
     assert s.train.images.shape[1:] == (32, 32, 1)
     assert len(s.train) + len(s.val) + len(s.test) == 19280
     fm = build_data(load_config(CONFIGS / "fashion_mnist.yaml",
                                 overrides=[f"data.source.path={shared_data}/fashion_mnist"]))
     assert fm.task("kind").classes == ["top", "bottom", "footwear", "other"]
-    assert (fm.streams[0].test.labels["kind"] >= 0).all()
+    assert (fm.groups[0].test.labels["kind"] >= 0).all()
 
 
 def test_multi_input_cifar10_fashion_mnist(shared_data, tmp_path):

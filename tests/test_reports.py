@@ -21,7 +21,7 @@ from mtlvision.reports import run_report, write_report
 from mtlvision.reports.document import Figure, Link, Report, Section, Table, Text
 from mtlvision.reports.html import render_html
 from mtlvision.tasks import Task
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 RUN_SECTIONS = ["Summary", "Learning curves", "Task weights", "Gradients", "Test-set evaluation", "Test images",
                 "Configuration"]

@@ -22,7 +22,7 @@ from mtlvision.data.cache import cache_key
 from mtlvision.data.shards import ShardReader, write_shards
 from mtlvision.errors import DataError
 from mtlvision.tasks import MISSING
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 from conftest import tiny_config
 

@@ -114,7 +114,7 @@ def test_imagefolder_tasks_labels_and_pixels(tmp_path):
     assert raw.skipped == []
 
     b = build(source, val_fraction=0.34)
-    (stream,) = b.streams
+    (stream,) = b.groups
     assert [t.name for t in b.tasks] == ["animal"] and stream.flip is False
     assert b.image_shape == (8, 8, 3)
     assert (len(stream.train), len(stream.val), len(stream.test)) == (6, 3, 6)
@@ -147,7 +147,7 @@ def test_imagefolder_tar_gives_identical_arrays(tmp_path):
             for c in CLASSES:
                 tf.add(tmp_path / "plain" / split / c, arcname=c)
     bundle = build({"name": "imagefolder", "path": str(tmp_path / "flat")})
-    np.testing.assert_array_equal(bundle.streams[0].test.images, plain.test.images)
+    np.testing.assert_array_equal(bundle.groups[0].test.images, plain.test.images)
 
 
 def test_imagefolder_corrupt_image(tmp_path):
@@ -162,7 +162,7 @@ def test_imagefolder_corrupt_image(tmp_path):
     for _ in range(2):  # the second build comes from the cache and must keep the skipped list
         b = build(source | {"skip_corrupt": True})
         assert b.skipped == [str(bad)]
-        assert len(b.streams[0].train) + len(b.streams[0].val) == 3 * len(CLASSES)
+        assert len(b.groups[0].train) + len(b.groups[0].val) == 3 * len(CLASSES)
     assert len(cache_entries(tmp_path / "cache")) == 1
 
     # in a tar, the message names the archive and the member
@@ -205,7 +205,7 @@ def test_imagefolder_mixed_sizes(tmp_path):
         build(source)
 
     b = build(source, image_size=8)
-    imgs, labels = whole_train(b.streams[0])
+    imgs, labels = whole_train(b.groups[0])
     assert imgs.shape == (10, 8, 8, 3) and b.image_shape == (8, 8, 3)
     # uniform channels survive the resize + centre crop, so labels still match their pixels
     np.testing.assert_array_equal(labels["class"], imgs[:, 0, 0, 0] // 40)
@@ -284,8 +284,8 @@ def test_csv_two_tasks_and_missing_cells(tmp_path):
 
     b = build(source, val_fraction=0.25)
     assert [t.name for t in b.tasks] == ["color", "shape"]
-    assert (len(b.streams[0].train), len(b.streams[0].val)) == (3, 1)
-    imgs_tr, labels = whole_train(b.streams[0])
+    assert (len(b.groups[0].train), len(b.groups[0].val)) == (3, 1)
+    imgs_tr, labels = whole_train(b.groups[0])
     by_id = {int(v) // 10: k for k, v in enumerate(imgs_tr[:, 0, 0, 0])}
     assert [int(labels["color"][by_id[i]]) for i in range(4)] == [2, MISSING, 1, 0]
 
@@ -429,7 +429,7 @@ def test_npz_tasks_as_dict_with_bins(tmp_path):
         load_raw(source | {"tasks": {"a": {"key": "age", "bins": [0, 10, 20], "classes": ["x", "y", "z"]}}})
 
     b = build(source)
-    assert [t.name for t in b.tasks] == ["digit", "age_group"] and b.streams[0].flip is False
+    assert [t.name for t in b.tasks] == ["digit", "age_group"] and b.groups[0].flip is False
 
 
 def make_folds(root: Path) -> None:
@@ -568,8 +568,8 @@ def test_cifar10(cifar10_root):
     np.testing.assert_array_equal(raw.test.labels["class"], labels[10:])
 
     b = build({"name": "cifar10", "root": str(root)}, val_fraction=0.2)
-    assert b.image_shape == (32, 32, 3) and (len(b.streams[0].train), len(b.streams[0].val)) == (8, 2)
-    np.testing.assert_array_equal(b.streams[0].test.images, _chw_to_nhwc(data[10:]))
+    assert b.image_shape == (32, 32, 3) and (len(b.groups[0].train), len(b.groups[0].val)) == (8, 2)
+    np.testing.assert_array_equal(b.groups[0].test.images, _chw_to_nhwc(data[10:]))
 
 
 def test_cifar10_corrupted_file(cifar10_root):
@@ -629,7 +629,7 @@ def test_cifar100_fine_and_coarse(tmp_path, monkeypatch):
     b = build({"name": "cifar100", "root": str(tmp_path)}, val_fraction=0.25,
               tasks={"fine": {"enabled": False}})
     assert [t.name for t in b.tasks] == ["coarse"] and b.task("coarse").num_classes == 20
-    np.testing.assert_array_equal(b.streams[0].test.labels["coarse"], coarse[4:])
+    np.testing.assert_array_equal(b.groups[0].test.labels["coarse"], coarse[4:])
 
     # a coarse label outside 0..19 names the task and the file
     test = _dump(folder / "test", {"data": data[4:], "fine_labels": fine[4:], "coarse_labels": [3, 20]})
@@ -679,7 +679,7 @@ def test_multimnist(tmp_path):
     again = load_raw(source)  # deterministic for a seed
     np.testing.assert_array_equal(again.train.labels["right"], raw.train.labels["right"])
     b = build(source)
-    assert b.streams[0].flip is False and b.image_shape == (28, 28, 1)
+    assert b.groups[0].flip is False and b.image_shape == (28, 28, 1)
 
 
 def test_multimnist_without_label(tmp_path):
@@ -705,10 +705,10 @@ def test_derive_groups(tmp_path):
     assert b.task("roundness").classes == ["round", "angular"] and b.task("roundness").flip_ok
     assert b.task("side").flip_ok is False  # derived from a task that a flip changes
     mapping = np.array([0, 1, 1, MISSING])  # circle, square, triangle, plus
-    for s in (b.streams[0].train, b.streams[0].val, b.streams[0].test):
+    for s in (b.groups[0].train, b.groups[0].val, b.groups[0].test):
         np.testing.assert_array_equal(s.labels["roundness"], mapping[s.labels["shape"]])
         np.testing.assert_array_equal(s.labels["side"], s.labels["position"] % 2)
-    assert (b.streams[0].train.labels["roundness"] == MISSING).any()
+    assert (b.groups[0].train.labels["roundness"] == MISSING).any()
 
     with pytest.raises(ConfigError, match=r"'oval' is not a class of 'shape' \(classes: \['circle', 'square'"):
         build(SHAPES, derive={"r": {"source": "shape", "groups": {"round": ["circle", "oval"], "b": ["plus"]}}})
@@ -722,7 +722,7 @@ def test_derive_from_derived_missing_labels(tmp_path):
     make_npz(tmp_path / "d")
     b = build({"name": "npz", "path": str(tmp_path / "d"), "tasks": ["label"]},
               derive={"nonzero": {"source": "label", "groups": {"no": ["zero"], "yes": ["one", "two"]}}})
-    imgs, labels = whole_train(b.streams[0])
+    imgs, labels = whole_train(b.groups[0])
     np.testing.assert_array_equal(labels["nonzero"], (imgs[:, 0, 0, 0] % 3 != 0).astype(int))
 
 
@@ -734,10 +734,10 @@ def test_derive_unknown_source_task(tmp_path):
 def test_task_overrides(tmp_path):
     b = build(SHAPES, tasks={"position": {"enabled": False}, "shape": {"label_smoothing": 0.1}})
     assert [t.name for t in b.tasks] == ["shape", "colour", "size"]
-    assert set(b.streams[0].train.labels) == set(b.streams[0].test.labels) == {"shape", "colour", "size"}
-    assert b.streams[0].flip is True  # position (not flip-invariant) is disabled
+    assert set(b.groups[0].train.labels) == set(b.groups[0].test.labels) == {"shape", "colour", "size"}
+    assert b.groups[0].flip is True  # position (not flip-invariant) is disabled
     assert (b.task("shape").label_smoothing, b.task("colour").label_smoothing) == (0.1, 0.0)
-    assert build(SHAPES).streams[0].flip is False
+    assert build(SHAPES).groups[0].flip is False
 
     with pytest.raises(ConfigError, match=r"unknown task\(s\) \['colours'\]"):
         build(SHAPES, tasks={"colours": {"label_smoothing": 0.1}})
@@ -760,7 +760,7 @@ def test_validation_split(tmp_path):
     source = {"name": "npz", "path": str(root), "tasks": ["label"]}
 
     def ids(b):
-        s = b.streams[0]
+        s = b.groups[0]
         return set(s.train.images[:, 0, 0, 0].tolist()), set(s.val.images[:, 0, 0, 0].tolist())
 
     train, val = ids(build(source, val_fraction=0.25, seed=1))
@@ -769,11 +769,11 @@ def test_validation_split(tmp_path):
     assert ids(build(source, val_fraction=0.25, seed=1)) == (train, val)  # same seed, same split
     assert ids(build(source, val_fraction=0.25, seed=2))[1] != val
     b = build(source, val_fraction=0.25, seed=1)
-    np.testing.assert_array_equal(b.streams[0].val.labels["label"], b.streams[0].val.images[:, 0, 0, 0] % 2)
+    np.testing.assert_array_equal(b.groups[0].val.labels["label"], b.groups[0].val.images[:, 0, 0, 0] % 2)
 
     lim = build(source, val_fraction=0.25, seed=1, limit_train=4, limit_test=1)
-    assert (len(lim.streams[0].train), len(lim.streams[0].val), len(lim.streams[0].test)) == (4, 5, 1)
-    assert set(lim.streams[0].train.images[:, 0, 0, 0].tolist()) <= train
+    assert (len(lim.groups[0].train), len(lim.groups[0].val), len(lim.groups[0].test)) == (4, 5, 1)
+    assert set(lim.groups[0].train.images[:, 0, 0, 0].tolist()) <= train
     with pytest.raises(ConfigError, match="val_fraction"):
         build(source, val_fraction=1.0)
 
@@ -797,9 +797,9 @@ def test_decoded_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(NpzSource, "load", no_load)
         second = build(source, cache_dir=str(cache))
-    assert isinstance(second.streams[0].test.images, np.memmap)
+    assert isinstance(second.groups[0].test.images, np.memmap)
     for split in ("train", "val", "test"):
-        a, b = getattr(first.streams[0], split), getattr(second.streams[0], split)
+        a, b = getattr(first.groups[0], split), getattr(second.groups[0], split)
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels["label"], b.labels["label"])
     assert len(cache_entries(cache)) == 1
@@ -813,7 +813,7 @@ def test_decoded_cache_reuse_and_invalidation(tmp_path, monkeypatch):
     os.utime(shard, ns=(t0, t0 + 600_000_000))
     third = build(source, cache_dir=str(cache))
     assert len(cache_entries(cache)) == 2
-    imgs, labels = whole_train(third.streams[0])
+    imgs, labels = whole_train(third.groups[0])
     ids = imgs[:, 0, 0, 0].astype(int)
     np.testing.assert_array_equal(labels["label"], np.where(ids < 6, ids + 1, ids) % 3)  # ids 0..5 rewritten
 
@@ -834,8 +834,8 @@ def test_cache_rebuilds_broken_entry(tmp_path):
         else:
             (entry / damage).write_bytes(b"garbage")
         again = build(source)
-        np.testing.assert_array_equal(again.streams[0].test.images, first.streams[0].test.images)
-        np.testing.assert_array_equal(again.streams[0].train.labels["label"], first.streams[0].train.labels["label"])
+        np.testing.assert_array_equal(again.groups[0].test.images, first.groups[0].test.images)
+        np.testing.assert_array_equal(again.groups[0].train.labels["label"], first.groups[0].train.labels["label"])
         assert cache_entries(tmp_path / "cache") == [entry.name] and (entry / "train_images.npy").is_file()
 
 
@@ -846,21 +846,21 @@ def test_cache_disabled(tmp_path, monkeypatch):
     monkeypatch.setattr(NpzSource, "load", lambda self: calls.append(1) or original(self))
     for _ in range(2):
         b = build({"name": "npz", "path": str(tmp_path / "d"), "tasks": ["label"]}, cache=False)
-        assert not isinstance(b.streams[0].test.images, np.memmap)
+        assert not isinstance(b.groups[0].test.images, np.memmap)
     assert len(calls) == 2 and not (tmp_path / "cache").exists()
 
 
 def test_shapes_deterministic(tmp_path):
     a, b = build(SHAPES, seed=4), build(SHAPES, seed=4)
     for split in ("train", "val", "test"):
-        sa, sb = getattr(a.streams[0], split), getattr(b.streams[0], split)
+        sa, sb = getattr(a.groups[0], split), getattr(b.groups[0], split)
         np.testing.assert_array_equal(sa.images, sb.images)
         for k in sa.labels:
             np.testing.assert_array_equal(sa.labels[k], sb.labels[k])
     assert a.mean == b.mean and a.std == b.std
-    assert (len(a.streams[0].train), len(a.streams[0].val), len(a.streams[0].test)) == (54, 6, 20)
+    assert (len(a.groups[0].train), len(a.groups[0].val), len(a.groups[0].test)) == (54, 6, 20)
     other = build(SHAPES | {"seed": 5}, seed=4)
-    assert not np.array_equal(other.streams[0].test.images, a.streams[0].test.images)
+    assert not np.array_equal(other.groups[0].test.images, a.groups[0].test.images)
     assert not (tmp_path / "cache").exists()  # shapes is generated, never cached
 
 
@@ -871,9 +871,9 @@ def test_multi_input_streams(tmp_path):
     np.savez(root / "test-00.npz", images=id_images([1, 2], size=8), digit=np.array([1, 0], np.uint8))
     npz = {"name": "npz", "path": str(root), "tasks": ["digit"]}
     b = build(sources={"shapes": SHAPES, "digits": npz}, val_fraction=0.2)
-    assert len(b.streams) == 2 and [s.name for s in b.streams] == ["shapes", "digits"]
+    assert len(b.groups) == 2 and [s.name for s in b.groups] == ["shapes", "digits"]
     assert b.tasks[-1].name == "digit"
-    assert b.streams[1].tasks == ["digit"] and len(b.streams[1].val) == 2
+    assert b.groups[1].tasks == ["digit"] and len(b.groups[1].val) == 2
 
     with pytest.raises(ConfigError, match="different image shapes"):
         build(sources={"shapes": SHAPES | {"size": 16}, "digits": npz})

@@ -20,7 +20,7 @@ from mtlvision.data import SOURCES, build_data
 from mtlvision.data.shards import write_shards
 from mtlvision.data.stream import StreamLoader
 from mtlvision.errors import ConfigError, DataError
-from mtlvision.training.trainer import train
+from mtlvision.training import train
 
 from conftest import tiny_config
 
@@ -75,7 +75,7 @@ def stream_config(path: Path, **over) -> dict:
 
 def loader(path: Path, rank: int = 0, world: int = 1, workers: int = 0, epochs: int = 2, **source) -> StreamLoader:
     data = build_data(load_config(data=stream_config(path, source={"workers": workers, **source})))
-    return StreamLoader(data.streams[0].streamed, 4, 0, 0, None, rank, world, CPU, epochs)
+    return StreamLoader(data.groups[0].streamed, 4, 0, 0, None, rank, world, CPU, epochs)
 
 
 def epoch_ids(ld: StreamLoader, epoch: int) -> list[list[int]]:
@@ -141,10 +141,10 @@ def test_resize_and_channels_match_the_cache(shards):
     spec = {"data__image_size": 8, "data__channels": 1}
     data = build_data(load_config(data=stream_config(shards["even"], **spec)))
     assert data.image_shape == (8, 8, 1) and len(data.mean) == 1
-    ld = StreamLoader(data.streams[0].streamed, 4, 0, 0, None)
+    ld = StreamLoader(data.groups[0].streamed, 4, 0, 0, None)
     streamed = [x.tobytes() for step in range(12) for x in ld.batch(0, step, 12)[0].numpy()]
     memory = build_data(load_config(data=stream_config(shards["even"], source={"stream": False}, **spec)))
-    assert sorted(streamed) == sorted(x.tobytes() for x in memory.streams[0].train.images)
+    assert sorted(streamed) == sorted(x.tobytes() for x in memory.groups[0].train.images)
     assert np.allclose(data.mean, memory.mean) and np.allclose(data.std, memory.std)
 
 
@@ -153,7 +153,7 @@ def test_val_shards_hold_out_whole_training_shards(shards):
     train = index["splits"]["train"]["shards"]
     held = sum(s["samples"] for s in train[-2:])
     data = build_data(load_config(data=stream_config(shards["noval"], source={"val_shards": 2})))
-    s = data.streams[0]
+    s = data.groups[0]
     assert len(s.val) == held and s.streamed.samples == N_TRAIN + N_VAL - held
     val_ids = set(s.val.images[:, 0, 0, 0].tolist())
     ld = StreamLoader(s.streamed, 4, 0, 0, None, 0, 1, CPU, 1)
@@ -179,7 +179,7 @@ def test_streamed_training_is_deterministic(shards, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "w2-0" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == N_TRAIN // 4
     with pytest.raises(DataError, match="training split is streamed .* use the val or test split"):
-        data.streams[0].split("train")
+        data.groups[0].split("train")
 
 
 def test_streamed_resume_after_kill_matches_uninterrupted_run(shards, tmp_path):
@@ -233,7 +233,7 @@ def test_config_errors(shards):
     with pytest.raises(DataError, match="fewer than 2 rank"):
         loader(shards["even"], rank=0, world=2, workers=8)
     with pytest.raises(DataError, match="fewer than data.batch_size 64"):
-        StreamLoader(build(shards["even"]).streams[0].streamed, 64, 0, 0, None)
+        StreamLoader(build(shards["even"]).groups[0].streamed, 64, 0, 0, None)
 
 
 @pytest.mark.slow

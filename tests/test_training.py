@@ -13,7 +13,7 @@ import mtlvision
 from mtlvision.config import load_config
 from mtlvision.errors import CheckpointError, TrainingDiverged
 from mtlvision.tasks import Task
-from mtlvision.training.trainer import Trainer, train
+from mtlvision.training import build_trainer, train
 
 from conftest import tiny_config
 
@@ -93,14 +93,14 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 def test_existing_run_needs_resume(tiny_run):
     out, _ = tiny_run
     with pytest.raises(CheckpointError, match="already holds a run; use --resume"):
-        Trainer(load_config(data=tiny_config()), out, quiet=True).fit()
+        build_trainer(load_config(data=tiny_config()), out, quiet=True).fit()
 
 
 def test_resume_with_a_different_config_is_refused(tiny_run, tmp_path):
     out, _ = tiny_run
     changed = tiny_config(model__architecture={"name": "hps"})
     with pytest.raises(CheckpointError, match="does not match the config.*model.architecture"):
-        Trainer(load_config(data=changed), out, resume=True, quiet=True).fit()
+        build_trainer(load_config(data=changed), out, resume=True, quiet=True).fit()
 
 
 def test_nan_loss_stops_names_task_and_keeps_checkpoint(tmp_path, monkeypatch):
@@ -158,8 +158,8 @@ def test_multi_input_one_batch_per_stream(tmp_path):
     cfg["data"] = {"sources": {"shapes": {"name": "shapes", "n_train": 400, "n_test": 100},
                                "bars": {"name": "npz", "path": str(npz_dir), "tasks": {"bars": {"key": "label"}}}},
                    "image_size": 32, "channels": 3, "batch_size": 32}
-    trainer = Trainer(load_config(data=cfg), tmp_path / "mi", quiet=True)
-    assert [s.name for s in trainer.data.streams] == ["shapes", "bars"]
+    trainer = build_trainer(load_config(data=cfg), tmp_path / "mi", quiet=True)
+    assert [s.name for s in trainer.data.groups] == ["shapes", "bars"]
     assert trainer.steps == max(360 // 32, 270 // 32)
     losses, logits, labels, weights, n = trainer.train_step(0, 0)
     assert n == 64 and set(losses) == {"shape", "colour", "size", "position", "bars"}
@@ -187,11 +187,13 @@ def test_api_load_and_predict(tiny_run, tmp_path):
 
 def test_resume_without_checkpoint_and_stale_files_are_cleared(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint.pt there"):
-        Trainer(load_config(data=tiny_config()), tmp_path / "none", resume=True, quiet=True)
+        build_trainer(load_config(data=tiny_config()), tmp_path / "none", resume=True, quiet=True)
     out = tmp_path / "stale"
     (out / "tb").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"epoch": 5}\n')
-    train(load_config(data=tiny_config(train__epochs=1)), out, quiet=True)
+    with pytest.raises(CheckpointError, match=r"already holds a run's files \(metrics.jsonl\).*--overwrite"):
+        train(load_config(data=tiny_config(train__epochs=1)), out, quiet=True)  # never replaced silently
+    train(load_config(data=tiny_config(train__epochs=1)), out, quiet=True, overwrite=True)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0]
 
@@ -201,7 +203,7 @@ def test_stale_single_task_baseline_is_refused(tmp_path):
     cfg["tasks"] = {"colour": {"enabled": False}, "shape": {"enabled": False}, "size": {"enabled": False}}
     train(load_config(data=cfg), tmp_path / "mtl", quiet=True)
     cfg["train"]["epochs"] = 2
-    from mtlvision.training.baselines import train_single_task_baselines
+    from mtlvision.training.run import train_single_task_baselines
 
     with pytest.raises(mtlvision.MTLVisionError, match=r"different config \(train.epochs\)"):
         train_single_task_baselines(load_config(data=cfg), tmp_path / "mtl", ["position"], True)

@@ -35,20 +35,20 @@ import torch
 
 from .config import Config, as_config
 from .errors import ConfigError, MTLVisionError
-from .storage import write_json
-from .training.trainer import Trainer, load_checkpoint
+from .storage import atomic_write, write_json
+from .training import Trainer, build_trainer
+from .training.callbacks import Callback
+from .training.trainer import Batch
 
 MAX_TASKS = 12  # the grouping search takes O(3^T) time and O(2^T) memory
 
 
-class AffinityTrainer(Trainer):
-    """A Trainer that also measures the lookahead affinity every `every` steps (and otherwise trains as usual)."""
+class AffinityMeasure(Callback):
+    """Measures the lookahead affinity on the training batch every `every` steps, before the step's update."""
 
-    def __init__(self, cfg: Config, out_dir: str | os.PathLike, every: int = 10, resume: bool = False,
-                 quiet: bool = False) -> None:
-        super().__init__(cfg, out_dir, resume=resume, quiet=quiet)
-        if self.dist.active:
-            raise MTLVisionError("affinity: run it in one process (not under torchrun)")
+    key = "affinity"
+
+    def __init__(self, every: int = 10) -> None:
         if every < 1:
             raise ConfigError(f"affinity --every: expected >= 1, got {every}")
         self.every = every
@@ -56,33 +56,29 @@ class AffinityTrainer(Trainer):
         self.pair_counts: dict[int, np.ndarray] = {}  # epoch -> measurements per (i, j)
         self.counts: dict[int, int] = {}  # epoch -> measured steps
 
-    def train_step(self, epoch: int, step: int) -> tuple[Any, ...]:
-        x, labels, rows = self.next_batch(epoch, step)
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.dist.active:
+            raise MTLVisionError("affinity: run it in one process (not under torchrun)")
+
+    def before_step(self, trainer: Trainer, batch: Batch, epoch: int, step: int) -> None:
         if step % self.every == 0:
-            z = lookahead_affinity(self, x, labels, rows)
+            z = lookahead_affinity(trainer, batch.x, batch.labels, batch.rows)
             measured = np.isfinite(z)
             self.per_epoch[epoch] = self.per_epoch.get(epoch, 0) + np.where(measured, z, 0.0)
             self.pair_counts[epoch] = self.pair_counts.get(epoch, 0) + measured
             self.counts[epoch] = self.counts.get(epoch, 0) + 1
-        losses, logits, weights = self.step_on(x, labels, rows, epoch, step)
-        return losses, logits, labels, weights, len(x)
 
-    def _state(self, epoch: int, wall: float) -> dict[str, Any]:
-        state = super()._state(epoch, wall)
-        state["affinity"] = {"every": self.every, "per_epoch": {e: z.tolist() for e, z in self.per_epoch.items()},
-                             "pair_counts": {e: n.tolist() for e, n in self.pair_counts.items()},
-                             "counts": dict(self.counts)}
-        return state
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every, "per_epoch": {e: z.tolist() for e, z in self.per_epoch.items()},
+                "pair_counts": {e: n.tolist() for e, n in self.pair_counts.items()}, "counts": dict(self.counts)}
 
-    def _restore(self) -> None:
-        super()._restore()
-        saved = load_checkpoint(self.out / "checkpoint.pt").get("affinity")
-        if saved is None or saved["every"] != self.every:
-            raise MTLVisionError(f"{self.out}: the checkpoint holds no affinity measurements taken every "
-                                 f"{self.every} steps; measure into a new --out")
-        self.per_epoch = {int(e): np.asarray(z) for e, z in saved["per_epoch"].items()}
-        self.pair_counts = {int(e): np.asarray(n) for e, n in saved["pair_counts"].items()}
-        self.counts = {int(e): n for e, n in saved["counts"].items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("every") != self.every:
+            raise MTLVisionError(f"the checkpoint holds affinity measurements taken every {state.get('every')} "
+                                 f"steps, not {self.every}; measure into a new --out")
+        self.per_epoch = {int(e): np.asarray(z) for e, z in state["per_epoch"].items()}
+        self.pair_counts = {int(e): np.asarray(n) for e, n in state["pair_counts"].items()}
+        self.counts = {int(e): n for e, n in state["counts"].items()}
 
     def epoch_matrix(self, epoch: int) -> np.ndarray:
         """Mean Z over one epoch's measurements (NaN for a pair never measured in it)."""
@@ -91,6 +87,13 @@ class AffinityTrainer(Trainer):
     def matrix(self) -> np.ndarray:
         """Mean Z over every measurement so far (NaN for a pair never measured)."""
         return _mean(sum(self.per_epoch.values()), sum(self.pair_counts.values()))
+
+
+def affinity_trainer(cfg: Config, out_dir: str | os.PathLike, every: int = 10, resume: bool = False,
+                     quiet: bool = False) -> tuple[Trainer, AffinityMeasure]:
+    """A trainer that measures the affinity as it trains (otherwise training exactly as without it)."""
+    measure = AffinityMeasure(every)
+    return build_trainer(cfg, out_dir, resume=resume, quiet=quiet, callbacks=[measure]), measure
 
 
 def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -103,7 +106,7 @@ def lookahead_affinity(trainer: Trainer, x: torch.Tensor, labels: dict[str, torc
     """Z^t (T x T, row i = the task whose gradient steps, column j = the task whose loss changes); NaN in
     the rows and columns of tasks without labelled rows in this batch (no loss to step on or compare)."""
     model, tasks = trainer.model, trainer.tasks
-    params = [p for p in trainer._shared_params if p.requires_grad]
+    params = [p for p in trainer.parts.shared_params if p.requires_grad]
     lr = trainer.optimizer.param_groups[0]["lr"]
     buffers = [b.detach().clone() for b in model.buffers()]
     devices = [trainer.device] if trainer.device.type == "cuda" else []
@@ -112,7 +115,7 @@ def lookahead_affinity(trainer: Trainer, x: torch.Tensor, labels: dict[str, torc
         torch.set_rng_state(cpu_rng)  # every forward draws the same dropout masks: Z compares parameters only
         if devices:
             torch.cuda.set_rng_state_all(cuda_rng)
-        with trainer.autocast():
+        with trainer.rt.autocast():
             out = model(x)
         return torch.stack([t.loss(out.logits[t.name][rows[t.name]].float(), labels[t.name]) for t in tasks])
 
@@ -225,7 +228,7 @@ def run_affinity(config: Config | dict | str | os.PathLike, out_dir: Optional[st
     """Train the config while measuring affinity; write affinity.json and affinity.png; return the result."""
     cfg = as_config(config)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{cfg.name}-affinity"
-    trainer = AffinityTrainer(cfg, out, every=every, resume=resume, quiet=quiet)
+    trainer, measure = affinity_trainer(cfg, out, every=every, resume=resume, quiet=quiet)
     names = [t.name for t in trainer.tasks]
     budgets = budgets or list(range(1, len(names) + 1))
     bad = [b for b in budgets if not 1 <= b <= len(names)]
@@ -234,19 +237,19 @@ def run_affinity(config: Config | dict | str | os.PathLike, out_dir: Optional[st
     if len(names) > MAX_TASKS:
         raise MTLVisionError(f"affinity grouping: the exact search is limited to {MAX_TASKS} tasks, got {len(names)}")
     trainer.fit()
-    z = trainer.matrix()
+    z = measure.matrix()
     unmeasured = sorted({names[k] for k in np.argwhere(~np.isfinite(z)).ravel()})
     if unmeasured:
         raise MTLVisionError(f"affinity: task(s) {', '.join(unmeasured)} had no labelled rows in any measured "
-                             f"batch ({int(sum(trainer.counts.values()))} measurements); measure more often (--every)")
+                             f"batch ({int(sum(measure.counts.values()))} measurements); measure more often (--every)")
     best = best_groupings(z, max(budgets))
     groupings = [{"budget": b, "groups": [[names[i] for i in g] for g in best[b - 1][0]], "score": best[b - 1][1]}
                  for b in budgets]
     result = {
-        "tasks": names, "every": every, "measurements": int(sum(trainer.counts.values())),
+        "tasks": names, "every": every, "measurements": int(sum(measure.counts.values())),
         "affinity": z.tolist(),
-        "per_epoch": {str(e): np.where(np.isnan(m := trainer.epoch_matrix(e)), None, m).tolist()
-                      for e in sorted(trainer.counts)},
+        "per_epoch": {str(e): np.where(np.isnan(m := measure.epoch_matrix(e)), None, m).tolist()
+                      for e in sorted(measure.counts)},
         "groupings": groupings,
         "note": "affinity[i][j] = mean over measured steps of 1 - L_j(after a lookahead step on task i) / L_j",
     }
@@ -261,8 +264,6 @@ def plot_affinity(z: np.ndarray, names: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .storage import atomic_write
 
     size = 1.2 + 0.7 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))

@@ -36,7 +36,7 @@ from .errors import ConfigError, MTLVisionError
 from .evaluation.delta_m import delta_m
 from .schema import parse
 from .storage import write_json, write_text
-from .training.trainer import config_differences
+from .rundir import config_differences
 
 Part = Union[str, dict[str, Any]]
 
@@ -157,7 +157,8 @@ def _task_names(cfg: Any) -> list[str]:
 
 def run_one(run: Run, base: Path) -> None:
     """Train one cell in its own process (resuming an interrupted one)."""
-    cmd = [sys.executable, "-m", "mtlvision", "train", str(base), "--quiet", "--out", str(run.out)]
+    # a cell whose first start died before its first checkpoint is this suite's own folder: replace it
+    cmd = [sys.executable, "-m", "mtlvision", "train", str(base), "--quiet", "--out", str(run.out), "--overwrite"]
     if (run.out / "checkpoint.pt").is_file():
         cmd = [sys.executable, "-m", "mtlvision", "train", "--quiet", "--resume", str(run.out)]
     for s in run.overrides:

@@ -35,7 +35,7 @@ def _free_dir(base: Path) -> Path:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .config import load_config
     from .reports import print_results
-    from .training.trainer import train
+    from .training import train
 
     cfg = load_config(data=DEMO_CONFIG, overrides=[f"train.epochs={args.epochs}"] if args.epochs else [])
     out = Path(args.out) if args.out else _free_dir(Path("runs") / "demo")
@@ -46,8 +46,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .reports import print_results
+    from .training import default_out_dir, train
     from .training.distributed import is_main_process
-    from .training.trainer import default_out_dir, train
 
     resume = args.resume is not None
     if args.config is None and not resume:
@@ -57,32 +57,25 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.resume) if resume else Path(args.out) if args.out else default_out_dir(cfg)
     if args.out and resume and Path(args.out) != Path(args.resume):
         raise MTLVisionError("train: --out and --resume name different folders; give one")
-    summary = train(cfg, out, resume=resume, quiet=args.quiet)
+    if args.overwrite and resume:
+        raise MTLVisionError("train: --overwrite starts a new run, --resume continues one; give one")
+    summary = train(cfg, out, resume=resume, quiet=args.quiet, overwrite=args.overwrite)
     if is_main_process():  # under torchrun every worker gets the summary; rank 0 prints it
         print_results(summary)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Rebuild the test split from the run's config and score its best weights."""
-    import contextlib
-
-    from .data import build_data
-    from .data.loader import TensorImages
     from .evaluation.evaluate import evaluate
     from .inference import Run
+    from .storage import dumps
 
     run = Run(args.run_dir, device=args.device)
-    data = build_data(run.config)
-    names = [t.name for t in data.tasks]
-    if names != [t.name for t in run.tasks] or any(
-            a.classes != b.classes for a, b in zip(data.tasks, run.tasks)):
-        raise MTLVisionError(f"{args.run_dir}: the data now gives tasks/classes that differ from the checkpoint")
-    splits = [(TensorImages(s.split(args.split), run.device), s.tasks) for s in data.streams]
-    metrics = evaluate(run.model, splits, run.tasks, run.normalize, run.config.data.eval_batch_size,
-                          contextlib.nullcontext)
+    metrics = evaluate(run.model, run.load_split(args.split), run.tasks, run.normalize,
+                       run.config.data.eval_batch_size)
     result = {"split": args.split, "best_epoch": run.best_epoch, "tasks": metrics}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result))
         return
     table = Table(title=f"{args.run_dir}: {args.split} split, best epoch {run.best_epoch + 1}")
     for col in ("task", "images", "accuracy", "top5", "balanced accuracy", "loss"):
@@ -96,16 +89,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from .inference import Run, image_files
+    from .storage import dumps
 
     run = Run(args.run_dir, device=args.device)
-    files = image_files(args.images)
-    if not files:
+    found = image_files(args.images)
+    if not found:
         raise MTLVisionError(f"no image files found in {args.images}")
-    preds = run.predict([str(f) for f in files], top_k=args.top_k)
+    arrays, kept, skipped = run.read_images([str(f) for f in found], skip_unreadable=args.skip_unreadable)
+    files = [found[i] for i in kept]
+    preds = run.predict(arrays, top_k=args.top_k)
+    for name, reason in skipped:
+        Console(stderr=True).print(f"skipped {reason}", highlight=False, soft_wrap=True)
+    if skipped:
+        Console(stderr=True).print(f"skipped {len(skipped)} unreadable image(s) of {len(found)}", highlight=False)
     if args.format == "json":
-        print(json.dumps([{"image": str(f), "predictions": {t: [{"class": c, "probability": round(p, 6)}
-                                                                for c, p in v] for t, v in row.items()}}
-                          for f, row in zip(files, preds)], indent=2))
+        print(dumps([{"image": str(f), "predictions": {t: [{"class": c, "probability": round(p, 6)}
+                                                           for c, p in v] for t, v in row.items()}}
+                     for f, row in zip(files, preds)]))
     elif args.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -127,11 +127,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export a run's best weights to ONNX (uint8 NHWC images in, logits per task out) plus a JSON sidecar."""
-    from .export import export_onnx, sidecar_path, verify_onnx
+    from .export import sidecar_path, verify_onnx
     from .inference import Run
 
     run = Run(args.run_dir, device="cpu")
-    spec = export_onnx(run, args.onnx, args.opset)
+    spec = run.export_onnx(args.onnx, args.opset)
     inp = spec["input"]
     outputs = ", ".join(f"{o['name']} ({len(o['classes'])})" for o in spec["outputs"])
     print(f"wrote {args.onnx} (opset {spec['opset']}) and {sidecar_path(args.onnx)}\n"
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/<config name>); under torchrun, a worker that "
                                  "torchrun restarts (--max-restarts) resumes the run found there")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run files (config, metrics, checkpoints, summary, TensorBoard events) "
+                        "of an earlier run in --out; without it such a folder is refused")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_train)
 
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=["table", "csv", "json"], default="table")
     r.add_argument("--top-k", type=int, default=1)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--skip-unreadable", action="store_true",
+                   help="skip (and list on stderr) images that cannot be read or decoded instead of stopping")
     r.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="export a run's best weights to ONNX (uint8 images in, logits per task out)")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
+from .data.loader import Normalize
 from .errors import MTLVisionError
-from .inference import Run
 from .models import Architecture
 from .storage import atomic_write, write_json
 from .tasks import Task
@@ -39,16 +39,12 @@ class OnnxGraph(nn.Module):
         # a CPU copy in eval mode (dropout off, batch-norm running statistics): the caller's model is untouched
         self.model = copy.deepcopy(model).cpu().eval()
         self.task_names = [t.name for t in tasks]
-        mean = torch.tensor(input_spec["mean"], dtype=torch.float32)
-        std = torch.tensor(input_spec["std"], dtype=torch.float32)
-        # the same arithmetic as data.loader.Normalize, so the graph matches `predict` to float rounding
-        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1))
-        self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
+        # the normalisation `predict` applies (data.loader.Normalize), inside the graph
+        self.normalize = Normalize(input_spec["mean"], input_spec["std"], torch.device("cpu"), channels_last=False)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = images.permute(0, 3, 1, 2).float() * self.scale - self.shift
-        logits = self.model(x).logits
+        logits = self.model(self.normalize(images)).logits
         return tuple(logits[name] for name in self.task_names)
 
 
@@ -84,7 +80,7 @@ def export_model(model: Architecture, tasks: Sequence[Task], input_spec: dict[st
     name = input_name(tasks)
     # batch 2 in the example: torch.export specialises sizes 0 and 1, which would pin the batch dimension
     example = torch.zeros(2, h, w, c, dtype=torch.uint8)
-    try:  # no_grad: inference only, and Architecture.cut (split_shared, set by the trainer) is then a no-op
+    try:
         with torch.no_grad():
             program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[name],
                                         output_names=graph.task_names, opset_version=opset,
@@ -121,15 +117,6 @@ def export_model(model: Architecture, tasks: Sequence[Task], input_spec: dict[st
     }
     write_json(sidecar_path(path), spec)
     return spec
-
-
-def export_onnx(run: Run | str | os.PathLike, path: str | os.PathLike, opset: Optional[int] = None) -> dict[str, Any]:
-    """Export a run's best weights (a Run or a run directory) to `path`; returns the sidecar's content."""
-    if not isinstance(run, Run):
-        run = Run(run, device="cpu")
-    source = {"run": run.config.name, "best_epoch": run.best_epoch,
-              "backbone": run.config.model.backbone.name, "architecture": run.config.model.architecture.name}
-    return export_model(run.model, run.tasks, run.input, path, opset, source)
 
 
 def verify_onnx(path: str | os.PathLike, model: Architecture, tasks: Sequence[Task], input_spec: dict[str, Any],

@@ -76,3 +76,20 @@ def adapt_images(images: np.ndarray, size: int | None, channels: int | None, chu
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[s:s + chunk] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def channel_stats(image_arrays: list[np.ndarray], max_images: int = 5000, chunk: int = 256,
+                  ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale) of uint8 NHWC images: up to `max_images` of each array, strided
+    (files are often sorted by class). Pixel sums are exact integers, accumulated `chunk` images at a time,
+    so memory stays bounded at any image size and the result does not depend on the chunking."""
+    total = square = count = 0
+    for images in image_arrays:
+        step = max(1, len(images) // max_images)
+        picked = images[::step][:max_images]
+        for s in range(0, len(picked), chunk):
+            x = np.asarray(picked[s:s + chunk]).reshape(-1, images.shape[-1]).astype(np.int64)
+            total, square, count = total + x.sum(0), square + (x * x).sum(0), count + len(x)
+    mean = total / (255.0 * count)
+    std = np.sqrt(np.maximum(square / (255.0**2 * count) - mean**2, 1e-6))
+    return mean.tolist(), std.tolist()

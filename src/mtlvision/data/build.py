@@ -1,25 +1,25 @@
-"""From the data config to input streams: source(s) -> cache -> derived tasks -> train/val/test."""
+"""From the data config to input groups: source(s) -> cache -> derived tasks -> train/val/test splits."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
 from ..config import Config, DeriveConfig
 from ..errors import ConfigError, DataError
 from ..tasks import MISSING, Task
-from .arrays import ImageSet
-from .cache import default_cache_root, load_source
 from ..registry import SOURCES, Spec
+from .arrays import ImageSet, channel_stats
+from .cache import default_cache_root, load_source
 from .sources import Source, SourceData
 from .stream import ShardStream, check_stream, stream_of
 
 
 @dataclasses.dataclass
-class Stream:
-    """One input stream: images feeding a group of tasks (one stream unless multi-input)."""
+class InputGroup:
+    """One input group: the images of one source and the tasks they label (one group unless multi-input)."""
 
     name: str
     tasks: list[str]
@@ -40,7 +40,7 @@ class Stream:
     def split(self, name: str) -> ImageSet:
         """The decoded split `name` (train, val or test); a streamed training split is not decoded."""
         if name == "train" and self.streamed is not None:
-            raise DataError(f"the {self.name} stream's training split is streamed from {self.streamed.root}, not "
+            raise DataError(f"the {self.name} input's training split is streamed from {self.streamed.root}, not "
                             "decoded (data.source.stream: true); use the val or test split")
         return getattr(self, name)
 
@@ -48,14 +48,15 @@ class Stream:
 @dataclasses.dataclass
 class DataBundle:
     tasks: list[Task]
-    streams: list[Stream]
-    mean: list[float]
+    groups: list[InputGroup]
+    mean: list[float]  # per-channel statistics of the training images (0..1 scale)
     std: list[float]
-    skipped: list[str]
+    skipped: list[str]  # unreadable files skipped (skip_corrupt)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what the sources ignored, said once
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self.streams[0].image_shape  # type: ignore[return-value]
+        return self.groups[0].image_shape  # type: ignore[return-value]
 
     def task(self, name: str) -> Task:
         return next(t for t in self.tasks if t.name == name)
@@ -87,8 +88,7 @@ def _derive(data: SourceData, name: str, spec: DeriveConfig) -> np.ndarray:
 
 
 def _split_val(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    if not 0 < fraction < 1:
-        raise ConfigError(f"data.val_fraction: expected a value in (0, 1), got {fraction}")
+    """A seeded random `fraction` of train (checked in (0, 1) by the config) becomes the validation split."""
     perm = np.random.default_rng(seed).permutation(len(train))
     n_val = max(1, int(round(len(train) * fraction)))
     if n_val >= len(train):
@@ -104,7 +104,7 @@ def _limit(s: ImageSet, n: Optional[int], seed: int) -> ImageSet:
 
 def _load(spec: Spec, cfg: Config) -> tuple[SourceData, Source]:
     where = spec.where
-    source = SOURCES.build(spec, image_size=cfg.data.image_size)
+    source = SOURCES.build(spec, image_size=cfg.data.image_size, where=spec.where)
     check_stream(source, where, cfg.data)
     root = None
     if cfg.data.cache:
@@ -113,14 +113,15 @@ def _load(spec: Spec, cfg: Config) -> tuple[SourceData, Source]:
 
 
 def build_data(cfg: Config) -> DataBundle:
-    """Build every stream named by the config, apply task overrides, and carve validation splits."""
+    """Build every input group named by the config, apply task overrides, and carve validation splits."""
     d = cfg.data
     specs = d.source_specs()
     tasks: list[Task] = []
-    streams: list[Stream] = []
+    groups: list[InputGroup] = []
     skipped: list[str] = []
+    warnings: list[str] = []
     known: set[str] = set()  # every task of every source, derived and disabled ones included
-    for stream_name, spec in specs.items():
+    for group_name, spec in specs.items():
         where = spec.where
         data, source = _load(spec, cfg)
         maps = {}  # derived task -> (source task, class map), in order: a streamed split maps each batch
@@ -150,10 +151,11 @@ def build_data(cfg: Config) -> DataBundle:
                 raise DataError(f"{where}: the {split} split is empty")
             sets[split] = ImageSet(s.images, {k: s.labels[k] for k in keep})
         streamed = stream_of(source, d, keep, maps, sets["train"])
-        streams.append(Stream(stream_name, keep, sets["train"] if streamed is None else None, sets["validation"],
+        groups.append(InputGroup(group_name, keep, sets["train"] if streamed is None else None, sets["validation"],
                               sets["test"], flip=all(t.flip_ok for t in active), streamed=streamed))
         tasks.extend(active)
         skipped.extend(data.skipped)
+        warnings.extend(f"{where}: {w}" for w in data.warnings)
     for name, dspec in d.derive.items():
         if dspec.source not in known:
             raise ConfigError(f"data.derive.{name}.source: no task {dspec.source!r} (tasks: {sorted(known)})")
@@ -162,25 +164,12 @@ def build_data(cfg: Config) -> DataBundle:
         raise ConfigError(f"tasks: unknown task(s) {unknown}; the data provides {sorted(known)}")
     if not tasks:
         raise ConfigError("tasks: every task is disabled; enable at least one")
-    shapes = {s.name: s.image_shape for s in streams}
+    shapes = {g.name: g.image_shape for g in groups}
     if len(set(shapes.values())) > 1:
         raise ConfigError(f"multi-input sources have different image shapes {shapes}; "
                           "set data.image_size and data.channels to adapt them to one spec")
-    if streams[0].streamed is not None:  # a streamed split is the only stream
-        mean, std = streams[0].streamed.mean, streams[0].streamed.std
+    if groups[0].streamed is not None:  # a streamed training split is the only input group
+        mean, std = groups[0].streamed.mean, groups[0].streamed.std
     else:
-        mean, std = _channel_stats([s.train for s in streams])
-    return DataBundle(tasks, streams, mean, std, skipped)
-
-
-def _channel_stats(sets: list[ImageSet], max_images: int = 5000) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std (0..1 scale) from up to `max_images` training images of each stream."""
-    total, sq, count = 0.0, 0.0, 0
-    for s in sets:
-        step = max(1, len(s) // max_images)  # strided: files are often sorted by class
-        x = np.asarray(s.images[::step][:max_images], np.float64) / 255
-        x = x.reshape(-1, x.shape[-1])
-        total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
-    return mean.tolist(), std.tolist()
+        mean, std = channel_stats([g.train.images for g in groups])
+    return DataBundle(tasks, groups, mean, std, skipped, warnings)

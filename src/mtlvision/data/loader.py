@@ -62,15 +62,19 @@ class BatchAugment:
         return x[torch.arange(b, device=x.device)[:, None, None], rows, cols]
 
 
-class Normalize:
-    """uint8 NHWC -> float NCHW (channels_last strides when asked), standardised per channel."""
+class Normalize(torch.nn.Module):
+    """uint8 NHWC -> float NCHW (channels_last strides when asked), standardised per channel:
+    (x / 255 - mean) / std, computed as x * scale - shift. The one normalisation of training, evaluation,
+    predict and the exported ONNX graph."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool) -> None:
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, -1, 1, 1)
-        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, -1, 1, 1)
+        super().__init__()
+        std_t, mean_t = torch.tensor(std, device=device), torch.tensor(mean, device=device)
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, -1, 1, 1))
+        self.register_buffer("shift", (mean_t / std_t).view(1, -1, 1, 1))
         self.channels_last = channels_last
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # a view: NHWC memory is exactly channels_last NCHW
         if not self.channels_last:
             x = x.contiguous()

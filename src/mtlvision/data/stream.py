@@ -34,7 +34,7 @@ import torch
 from ..config import DataConfig
 from ..errors import ConfigError, DataError
 from ..rng import keyed_generator
-from .arrays import ImageSet, adapt_images
+from .arrays import ImageSet, adapt_images, channel_stats
 from .loader import BatchAugment
 from .shards import ShardReader
 from .sources import Source
@@ -46,7 +46,7 @@ CPU = torch.device("cpu")
 
 @dataclasses.dataclass
 class ShardStream:
-    """A streamed training split (`Stream.streamed`): what each rank builds its `StreamLoader` from."""
+    """A streamed training split (`InputGroup.streamed`): what each rank builds its `StreamLoader` from."""
 
     root: Path
     samples: int  # training samples in the streamed shards
@@ -61,6 +61,7 @@ class ShardStream:
     image_shape: tuple[int, int, int]  # (H, W, C) of the statistics sample
     mean: list[float]  # per-channel statistics of the sample (0..1 scale)
     std: list[float]
+    max_image_mb: float = 64.0  # the source's bound on one tar member
 
 
 def check_stream(source: Source, where: str, data: DataConfig) -> None:
@@ -85,17 +86,6 @@ def check_stream(source: Source, where: str, data: DataConfig) -> None:
                           "streams); remove it, or write a smaller training split")
 
 
-def sample_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std (0..1 scale) of uint8 NHWC images, accumulated in float64 chunk by chunk."""
-    total, sq, count = 0.0, 0.0, 0
-    for s in range(0, len(images), chunk):
-        x = np.asarray(images[s:s + chunk], np.float64).reshape(-1, images.shape[-1]) / 255
-        total, sq, count = total + x.sum(0), sq + (x**2).sum(0), count + len(x)
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean**2, 1e-6))
-    return mean.tolist(), std.tolist()
-
-
 def stream_of(source: Source, data: DataConfig, tasks: list[str], derive: dict[str, tuple[str, np.ndarray]],
               sample: ImageSet) -> Optional[ShardStream]:
     """The streamed training split of `source` (None unless it streams); `sample` is its decoded statistics
@@ -104,10 +94,10 @@ def stream_of(source: Source, data: DataConfig, tasks: list[str], derive: dict[s
         return None
     p, index = source.params, source._index()
     train, _, _ = source.stream_splits(index)
-    mean, std = sample_stats(sample.images)
+    mean, std = channel_stats([sample.images])  # the sample: the first 5,000 streamed images
     return ShardStream(index.root, sum(s.samples for s in train), len(index.shards("train")) - len(train),
                        data.image_size, p.channels, data.channels, p.workers, p.shuffle_buffer, tasks, derive,
-                       tuple(sample.images.shape[1:]), mean, std)  # type: ignore[arg-type]
+                       tuple(sample.images.shape[1:]), mean, std, p.max_image_mb)  # type: ignore[arg-type]
 
 
 class StreamLoader:
@@ -122,7 +112,8 @@ class StreamLoader:
         self.rank, self.device = rank, device
         self.reader = ShardReader(spec.root, "train", batch_size=batch_size, image_size=spec.image_size,
                                   channels=spec.channels, rank=rank, world_size=world_size, seed=seed,
-                                  shuffle_buffer=spec.shuffle_buffer, drop_uneven=True, hold_out=spec.hold_out)
+                                  shuffle_buffer=spec.shuffle_buffer, drop_uneven=True, hold_out=spec.hold_out,
+                                  max_image_mb=spec.max_image_mb)
         per_rank = min(self.samples_in(e) for e in range(epochs))
         self.natural_steps = per_rank // batch_size
         if self.natural_steps == 0:

@@ -22,8 +22,9 @@ where each family of methods needs them.
 from __future__ import annotations
 
 import os
+import socket
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,14 @@ def launched_by_torchrun() -> bool:
 def restart_count() -> int:
     """How often torchrun has restarted this worker's group after a failure (`--max-restarts`); 0 otherwise."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def job_id() -> Optional[str]:
+    """What stays the same across torchrun's restarts of one job's workers (host, agent process, rendezvous
+    id); None outside torchrun."""
+    if not launched_by_torchrun():
+        return None
+    return f"{socket.gethostname()}:{os.getppid()}:{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
 
 
 def is_main_process() -> bool:

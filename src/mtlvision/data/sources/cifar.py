@@ -26,18 +26,18 @@ class CifarParams:
     download: bool = False
 
 
-def _open(cls: type[datasets.CIFAR10], root: str, train: bool, download: bool) -> datasets.CIFAR10:
+def _open(cls: type[datasets.CIFAR10], root: str, train: bool, download: bool, where: str) -> datasets.CIFAR10:
     try:
         return cls(root=os.path.expanduser(root), train=train, download=download)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise DataError(f"data.source.root={root!r}: {exc} (expected the official python version in "
-                        f"{Path(root) / cls.base_folder}; set data.source.download: true to fetch it)") from None
+        raise DataError(f"{where}.root={root!r}: {exc} (expected the official python version in "
+                        f"{Path(root) / cls.base_folder}; set {where}.download: true to fetch it)") from None
     except OSError as exc:  # downloading: urllib's URLError, timeouts; else an unreadable file
         folder = Path(root) / cls.base_folder
         if not download:
-            raise DataError(f"data.source.root={root!r}: cannot read {folder} ({exc})") from None
-        raise DataError(f"data.source.root={root!r}: could not reach {cls.url} ({exc}); without internet, "
-                        f"put the official python version in {folder} and set data.source.download: false") from None
+            raise DataError(f"{where}.root={root!r}: cannot read {folder} ({exc})") from None
+        raise DataError(f"{where}.root={root!r}: could not reach {cls.url} ({exc}); without internet, "
+                        f"put the official python version in {folder} and set {where}.download: false") from None
 
 
 def _pickle(path: Path) -> dict:
@@ -62,7 +62,7 @@ class Cifar10Source(_CifarSource):
     def load(self) -> SourceData:
         sets = []
         for train in (True, False):
-            ds = _open(self.dataset, self.params.root, train, self.params.download)
+            ds = _open(self.dataset, self.params.root, train, self.params.download, self.where)
             labels = check_labels(np.array(ds.targets), 10, "class", f"{ds.root}/{ds.base_folder}")
             sets.append(ImageSet(ds.data, {"class": labels}))
         return SourceData([Task("class", list(ds.classes))], sets[0], sets[1])
@@ -78,7 +78,7 @@ class Cifar100Source(_CifarSource):
         folder = None
         sets = []
         for train in (True, False):
-            ds = _open(self.dataset, self.params.root, train, self.params.download)
+            ds = _open(self.dataset, self.params.root, train, self.params.download, self.where)
             folder = Path(ds.root) / ds.base_folder
             files = ds.train_list if train else ds.test_list
             coarse = np.concatenate([_pickle(folder / name)["coarse_labels"] for name, _ in files])

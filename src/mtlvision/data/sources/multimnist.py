@@ -42,11 +42,11 @@ class MultiMnistSource(Source):
     """Multi-MNIST (Sener & Koltun 2018): left and right digit, built from MNIST npz shards."""
 
     def inputs(self) -> list[Path]:
-        return [existing_path(self.params.path, "data.source.path")]
+        return [existing_path(self.params.path, f"{self.where}.path")]
 
     def load(self) -> SourceData:
         p = self.params
-        root = existing_path(p.path, "data.source.path")
+        root = existing_path(p.path, f"{self.where}.path")
         rng = np.random.default_rng(p.seed)
         digits = [str(i) for i in range(10)]
         sets = []
