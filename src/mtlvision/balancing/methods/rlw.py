@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import numpy as np
 import torch
 
 from ...tasks import Task
@@ -32,12 +31,14 @@ class RandomLossWeighting(Seeded, LossWeighting):
     default distribution), sets w = softmax(x) (so w_t > 0 and sum_t w_t = 1) and back-propagates
     sum_t w_t L_t.
 
-    Reproducibility: the draw does not touch the global torch RNG. Step (epoch, step) uses a private
-    CPU torch.Generator seeded with numpy.random.SeedSequence([seed, epoch, step]) (64 well-mixed
-    bits), so the weights are a pure function of (seed, epoch, step): a run, its rerun and a run
-    resumed from any checkpoint draw the same weights at the same step, and data-parallel ranks
-    agree without communicating. `seed` (null by default: the torch seed at build time, which the
-    trainer sets to the run's seed) is saved in `extra_state` and restored on resume.
+    Reproducibility: the draw does not touch the global torch RNG. Step (epoch, step) draws from
+    `rng.keyed_generator(seed, epoch, step)` (seeding.py), like every keyed draw in mtlvision, so the
+    weights are a pure function of (seed, epoch, step): a run, its rerun and a run resumed from any
+    checkpoint draw the same weights at the same step, and data-parallel ranks agree without
+    communicating. `seed` (null by default: the torch seed at build time, which the trainer sets to
+    the run's seed) is saved in `extra_state` and restored on resume. (Until the keyed-RNG
+    unification RLW seeded its generator from numpy.random.SeedSequence([seed, epoch, step]); the
+    draws changed then, once.)
 
     A zero loss needs no guard: the weights do not depend on the losses.
     """
@@ -47,13 +48,10 @@ class RandomLossWeighting(Seeded, LossWeighting):
     def __init__(self, p: RLWParams, tasks: list[Task]) -> None:
         super().__init__(tasks)
         self.init_seed(p.seed)
-        self.seed %= 2**64
 
     def weights(self, epoch: int, step: int) -> torch.Tensor:
         """The (T,) weights of step `step` in epoch `epoch`."""
-        state = np.random.SeedSequence([self.seed, int(epoch), int(step)]).generate_state(1, np.uint64)[0]
-        gen = torch.Generator(device="cpu").manual_seed(int(state))
-        x = torch.randn(len(self.task_names), generator=gen, dtype=torch.float64)
+        x = torch.randn(len(self.task_names), generator=self.generator(epoch, step), dtype=torch.float64)
         return torch.softmax(x, dim=0)
 
     def objective(self, losses: dict[str, torch.Tensor], ctx: StepContext) -> Objective:
