@@ -499,35 +499,6 @@ def test_gradvac_matches_direct_implementation_over_steps(T, N):
 
 
 # ----------------------------------------------------------------------------------------------
-# shared behaviour
-# ----------------------------------------------------------------------------------------------
-
-FUNCS = {
-    "mgda": mgda,
-    "pcgrad": pcgrad,
-    "cagrad": cagrad,
-    "imtl_g": imtl_g,
-    "nash_mtl": nash_mtl,
-    "upgrad": upgrad,
-    "aligned_mtl": aligned_mtl,
-    "gradvac": lambda G: gradvac(G)[0],
-}
-
-
-@pytest.mark.parametrize("name", sorted(FUNCS))
-def test_dtype_shape_and_validation(name):
-    f = FUNCS[name]
-    G = gram(rand_J(3, 5, 0)).float()
-    w = f(G)
-    assert w.shape == (3,) and w.dtype == torch.float32 and torch.isfinite(w).all()
-    assert f(torch.ones(1, 1)).shape == (1,)
-    with pytest.raises(ValueError):
-        f(torch.ones(2, 3))
-    with pytest.raises(ValueError):
-        f(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
-
-
-# ----------------------------------------------------------------------------------------------
 # cross-checks against TorchJD (optional)
 # ----------------------------------------------------------------------------------------------
 
