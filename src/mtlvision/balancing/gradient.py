@@ -20,7 +20,7 @@ Families of `combine`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -112,10 +112,15 @@ class GradientMethod(Balancer):
 
 
 class GramianWeighting(GradientMethod):
-    """w = f(G), d = Jᵀw: implement `weights(G, ctx)` or, with state, `step(G, ctx)`."""
+    """w = f(G), d = Jᵀw: set `solver` (a function of G alone), or implement `weights(G, ctx)` (weights that
+    also depend on the method's parameters or the step) or, with state, `step(G, ctx)`."""
+
+    solver: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def weights(self, G: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        raise NotImplementedError
+        if self.solver is None:
+            raise NotImplementedError(f"{type(self).__name__}: set `solver` or implement `weights` or `step`")
+        return self.solver(G)
 
     def step(self, G: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, State]:
         """This step's weights and the next state (a function of G, the current state and ctx)."""

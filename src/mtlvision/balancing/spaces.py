@@ -31,7 +31,7 @@ is a different `jacobian` of the same interface: the methods are unaffected.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -52,6 +52,23 @@ def _accumulate(params: list[nn.Parameter], grads: list[Optional[torch.Tensor]])
     for p, g in zip(params, grads):
         if g is not None:
             p.grad = g if p.grad is None else p.grad + g
+
+
+def per_task_grads(objectives: list[torch.Tensor], wrt: list[torch.Tensor], ctx: StepContext, retain_last: bool,
+                   flatten: Callable[[list[torch.Tensor]], torch.Tensor],
+                   ) -> tuple[torch.Tensor, list[nn.Parameter], list[list[Optional[torch.Tensor]]]]:
+    """One autograd pass per objective: J, whose row t is `flatten` of objective t's gradients with respect to
+    `wrt` (zeros where unused), and its gradients with respect to the task-specific parameters that require
+    grad (None where unused). The graph is kept for the next objective, and after the last one when
+    `retain_last`."""
+    task_params = [p for p in ctx.task_params if p.requires_grad]
+    rows, task_grads = [], []
+    for t, objective in enumerate(objectives):
+        grads = torch.autograd.grad(objective, [*wrt, *task_params], allow_unused=True,
+                                    retain_graph=retain_last or t < len(objectives) - 1)
+        rows.append(flatten([g if g is not None else torch.zeros_like(x) for x, g in zip(wrt, grads[:len(wrt)])]))
+        task_grads.append(list(grads[len(wrt):]))
+    return torch.stack(rows), task_params, task_grads
 
 
 class GradientSpace:
@@ -86,15 +103,11 @@ class FeatureSpace(GradientSpace):
     shared_grads_reduced = False
 
     def jacobian(self, objectives: list[torch.Tensor], ctx: StepContext) -> Jacobian:
-        task_params = [p for p in ctx.task_params if p.requires_grad]
-        shared, k = list(ctx.shared), len(ctx.shared)
-        rows, task_grads = [], []
-        for objective in objectives:
-            grads = torch.autograd.grad(objective, [*shared, *task_params], retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(s)).reshape(len(s), -1)
-                                   for s, g in zip(shared, grads[:k])], 1).reshape(-1))
-            task_grads.append(list(grads[k:]))
-        return Jacobian(torch.stack(rows).float(), task_params, task_grads)
+        shared = list(ctx.shared)
+        matrix, task_params, task_grads = per_task_grads(
+            objectives, shared, ctx, retain_last=True,
+            flatten=lambda grads: torch.cat([g.reshape(len(g), -1) for g in grads], 1).reshape(-1))
+        return Jacobian(matrix.float(), task_params, task_grads)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gramian = ctx.all_reduce(matrix @ matrix.T)
@@ -114,17 +127,11 @@ class ParameterSpace(GradientSpace):
     shared_grads_reduced = True
 
     def jacobian(self, objectives: list[torch.Tensor], ctx: StepContext) -> Jacobian:
-        task_params = [p for p in ctx.task_params if p.requires_grad]
         shared_params = [p for p in ctx.shared_params if p.requires_grad]
-        n = len(shared_params)
-        rows, task_grads = [], []
-        for t, objective in enumerate(objectives):
-            grads = torch.autograd.grad(objective, [*shared_params, *task_params],
-                                        retain_graph=t < len(objectives) - 1, allow_unused=True)
-            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                   for p, g in zip(shared_params, grads[:n])]))
-            task_grads.append(list(grads[n:]))
-        return Jacobian(ctx.mean_over_ranks(torch.stack(rows)), task_params, task_grads)
+        matrix, task_params, task_grads = per_task_grads(
+            objectives, shared_params, ctx, retain_last=False,
+            flatten=lambda grads: torch.cat([g.reshape(-1) for g in grads]))
+        return Jacobian(ctx.mean_over_ranks(matrix), task_params, task_grads)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return matrix @ matrix.T  # J is the rank average already

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..base import METHODS
-from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
 from ..solvers import as_output, input_eps, preference, prepare
 
@@ -53,5 +52,4 @@ def aligned_mtl(G: Tensor, pref: Optional[Tensor] = None, *, rtol: Optional[floa
 class AlignedMTL(GramianWeighting):
     """Aligned-MTL weights (`aligned_mtl`) on the step's Gramian."""
 
-    def weights(self, G: Tensor, ctx: StepContext) -> Tensor:
-        return aligned_mtl(G)
+    solver = staticmethod(aligned_mtl)

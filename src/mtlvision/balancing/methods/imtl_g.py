@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from ..base import METHODS, Promises
-from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
 from ..solvers import F64, as_output, prepare
 
@@ -71,6 +70,4 @@ class IMTLG(GramianWeighting):
     """IMTL-G weights (`imtl_g`) on the step's Gramian."""
 
     promises = Promises(scaling="direction")
-
-    def weights(self, G: Tensor, ctx: StepContext) -> Tensor:
-        return imtl_g(G)
+    solver = staticmethod(imtl_g)

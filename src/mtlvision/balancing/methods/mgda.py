@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from ..base import METHODS, Promises
-from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
 from ..solvers import F64, as_output, mean_diag, min_norm_weights, prepare
 
@@ -80,6 +79,4 @@ class MGDA(GramianWeighting):
     """MGDA weights (`mgda`) on the step's Gramian; in feature space this is MGDA-UB."""
 
     promises = Promises(non_conflicting=True)
-
-    def weights(self, G: Tensor, ctx: StepContext) -> Tensor:
-        return mgda(G)
+    solver = staticmethod(mgda)

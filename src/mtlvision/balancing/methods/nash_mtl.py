@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..base import METHODS, Promises
-from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
 from ..solvers import F64, GramianSolverError, as_output, input_eps, prepare, solve_sym
 
@@ -126,6 +125,4 @@ class NashMTL(GramianWeighting):
     """Nash-MTL weights (`nash_mtl`) on the step's Gramian."""
 
     promises = Promises(non_conflicting=True, scaling="update")
-
-    def weights(self, G: Tensor, ctx: StepContext) -> Tensor:
-        return nash_mtl(G)
+    solver = staticmethod(nash_mtl)

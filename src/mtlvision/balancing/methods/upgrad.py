@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from ..base import METHODS, Promises
-from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
 from ..solvers import F64, as_output, input_eps, mean_diag, nnls_gram, preference, prepare
 
@@ -82,6 +81,4 @@ class UPGrad(GramianWeighting):
     """UPGrad weights (`upgrad`) on the step's Gramian."""
 
     promises = Promises(non_conflicting=True)
-
-    def weights(self, G: Tensor, ctx: StepContext) -> Tensor:
-        return upgrad(G)
+    solver = staticmethod(upgrad)
