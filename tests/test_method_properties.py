@@ -151,8 +151,9 @@ def test_scaling_one_task_loss(name, space, factor):
             assert b.weights == pytest.approx(a.weights, rel=tol(space), abs=1e-12)
         elif promise == "update":  # up to the methods' 1e-8 in log(L + eps), L + eps
             assert close(ga, gb, max(10 * tol(space), 1e-6))
-        else:  # direction: the same update up to a positive factor
-            assert close(ga / ga.norm(), gb / gb.norm(), max(10 * tol(space), 1e-6))
+        else:  # direction: the same update up to a positive factor; line: up to a non-zero factor
+            sign = 1.0 if promise == "direction" else float(torch.sign(ga @ gb))
+            assert close(ga / ga.norm(), sign * gb / gb.norm(), max(10 * tol(space), 1e-6))
 
 
 # -- every method -----------------------------------------------------------------------------------

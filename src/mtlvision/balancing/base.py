@@ -6,7 +6,7 @@ and the checkpoint. Methods do not implement `backward` themselves: they derive 
 bases, which own the backward pass and call the method's one hook:
 
     LossWeighting       (loss.py)      objective(losses, ctx) -> Objective: one backward of a scalar
-    GramianWeighting    (gradient.py)  weights(G, ctx) -> w, or step(G, ctx) -> (w, next state)
+    GramianWeighting    (gradient.py)  solver(G) or weights(G, ctx) -> w, or step(G, ctx) -> (w, next state)
     GradientMethod      (gradient.py)  combine(TaskGradients, ctx) -> Combination (Jacobian aggregators:
                                        GradDrop, DB-MTL; methods with learned weights: GradNorm)
 
@@ -50,13 +50,14 @@ class Promises:
         "random_order": equivariant when the random task orders are trivial (checked with two tasks).
     scaling: multiplying one task's loss by s > 0 in every step (from a fresh instance, parameters fixed)
         leaves "weights": the reported weights unchanged; "update": the trunk update unchanged;
-        "direction": the update unchanged up to a positive factor; "none": nothing promised.
+        "direction": the update unchanged up to a positive factor; "line": up to a non-zero factor;
+        "none": nothing promised.
     """
 
     weighted_sum: bool = True
     non_conflicting: bool = False
     permutation: Literal["equivariant", "positional", "random_order"] = "equivariant"
-    scaling: Literal["weights", "update", "direction", "none"] = "none"
+    scaling: Literal["weights", "update", "direction", "line", "none"] = "none"
 
 
 class Balancer(nn.Module):

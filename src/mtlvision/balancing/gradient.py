@@ -7,9 +7,10 @@
 
 Families of `combine`:
 
-* `GramianWeighting`: w = f(G) and d = Jᵀw. Implement `weights(G, ctx) -> w`, or, for a method with
-  state (GradVac's EMA), `step(G, ctx) -> (w, next state)` with the state declared in `__init__`. The
-  method never knows which space it runs in.
+* `GramianWeighting`: w = f(G) and d = Jᵀw. Set `solver` (a function of G alone, e.g. MGDA), implement
+  `weights(G, ctx) -> w` (CAGrad's `c`, PCGrad's keyed draws), or, for a method with state (GradVac's
+  EMA), `step(G, ctx) -> (w, next state)` with the state declared in `__init__`. The method never knows
+  which space it runs in.
 * Jacobian aggregators (GradDrop, DB-MTL: d = f(J)) and methods that read more than G (GradNorm reads the
   loss values and learns its weights) implement `combine` itself and return a `Combination`: the update,
   the reported weights, optional per-task scales for the task-specific gradients, the next state, and the

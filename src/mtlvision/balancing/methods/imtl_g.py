@@ -69,5 +69,5 @@ def imtl_g(G: Tensor) -> Tensor:
 class IMTLG(GramianWeighting):
     """IMTL-G weights (`imtl_g`) on the step's Gramian."""
 
-    promises = Promises(scaling="direction")
+    promises = Promises(scaling="line")  # d ∝ the equal-projection line; the factor's sign may flip for T ≥ 3
     solver = staticmethod(imtl_g)
