@@ -9,6 +9,7 @@ Every method: finite weights, state round trip through a checkpoint, data-parall
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,16 @@ def test_registration_contract(name):
         assert not private, f"{name}: {klass.__name__} overrides private {private}"
     if family is GradientMethod:
         assert cls.spaces and set(cls.spaces) <= set(SPACES)
+
+
+def test_readme_table_lists_every_method_with_its_cost_class():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Balancing methods"):]
+    section = section[:section.index("\n## ")]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
+    cost = {r[1].strip().strip("`"): r[-2].strip() for r in rows}
+    for name in METHODS.names():
+        assert cost.get(name) == METHODS.get(name).factory.cost_class, name
 
 
 @pytest.mark.parametrize("name,space", CASES, ids=IDS)
