@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mtlvision.balancing import METHODS, StepContext, build_balancer
-from mtlvision.balancing.gradient import GradientBalancer, GradientParams
+from mtlvision.balancing.gradient import GradientParams, GramianWeighting, TaskGradients
 from mtlvision.config import ModelConfig, load_config
 from mtlvision.models import build_model
 from mtlvision.tasks import Task
@@ -38,7 +38,7 @@ def _step(model, balancer, x, y):
     return losses, weights, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-class _Ones(GradientBalancer):
+class _Ones(GramianWeighting):
     def weights(self, G, ctx):
         return torch.ones(len(G), dtype=G.dtype)
 
@@ -63,7 +63,7 @@ def test_feature_space_mgda_matches_its_definition():
     losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
     J = torch.stack([torch.autograd.grad(losses[t.name], out.shared, retain_graph=True)[0].reshape(-1)
                      for t in TASKS])
-    from mtlvision.balancing.gramian import mgda
+    from mtlvision.balancing.methods.mgda import mgda
 
     w_ref = mgda(J @ J.T)
     balancer = build_balancer({"method": "mgda"}, TASKS)
@@ -138,9 +138,17 @@ def test_gradient_telemetry_reaches_metrics_log(tmp_path):
     assert "shape|colour" in tele["cosine"] and all(-1 <= v <= 1 for v in tele["cosine"].values())
 
 
+def _combine(method, J, ctx, losses=None):
+    """One `combine` on a given Jacobian, its state committed as `backward` would: (update, weights)."""
+    losses = torch.ones(len(J), dtype=torch.float64) if losses is None else losses
+    result = method.combine(TaskGradients(J, J @ J.T, losses), ctx)
+    method.commit(result.state)
+    return result.update, result.weights
+
+
 def test_graddrop_keeps_one_sign_per_unit():
     """With leak 0, every unit of the combined gradient comes from tasks whose batch signal shares one sign."""
-    from mtlvision.balancing.gradient_methods import GradDrop, GradDropParams
+    from mtlvision.balancing.methods.graddrop import GradDrop, GradDropParams
 
     T, B, D = 3, 4, 50
     g = torch.Generator().manual_seed(0)
@@ -148,7 +156,7 @@ def test_graddrop_keeps_one_sign_per_unit():
     grads = torch.randn(T, B, D, generator=g)
     ctx = StepContext(shared, [], [], 0, 0)
     gd = GradDrop(GradDropParams(), TASKS)
-    update, kept = gd._combine(grads.reshape(T, -1), ctx)
+    update, kept = _combine(gd, grads.reshape(T, -1), ctx)
     update = update.view(B, D)
     signal = grads.sum(1)  # (T, D)
     for d in range(D):
@@ -157,34 +165,38 @@ def test_graddrop_keeps_one_sign_per_unit():
         expect_neg = grads[~positive, :, d].sum(0)
         assert torch.allclose(update[:, d], expect_pos) or torch.allclose(update[:, d], expect_neg)
     assert ((kept >= 0) & (kept <= 1)).all()
-    full = GradDrop(GradDropParams(leak=1.0), TASKS)._combine(grads.reshape(T, -1), ctx)[0]
+    full = _combine(GradDrop(GradDropParams(leak=1.0), TASKS), grads.reshape(T, -1), ctx)[0]
     torch.testing.assert_close(full, grads.sum(0).reshape(-1))  # leak 1: plain sum
 
 
 def test_gradnorm_weight_gradient_follows_the_paper():
-    from mtlvision.balancing.gradient_methods import GradNorm, GradNormParams
+    from mtlvision.balancing.methods.gradnorm import GradNorm, GradNormParams
 
     gn = GradNorm(GradNormParams(alpha=1.0), TASKS)
     gn.initial.copy_(torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64))
-    gn._losses = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # training rates L/L0: 0.5, 1, 0.5
-    G = torch.diag(torch.tensor([4.0, 1.0, 1.0]))  # gradient norms 2, 1, 1
-    w = gn.weights(G, None)
+    losses = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)  # training rates L/L0: 0.5, 1, 0.5
+    J = torch.diag(torch.tensor([2.0, 1.0, 1.0]))  # G = diag(4, 1, 1): gradient norms 2, 1, 1
+    result = gn.combine(TaskGradients(J, J @ J.T, losses), None)
+    w = result.weights
     assert torch.equal(w, torch.ones(3))
+    assert torch.equal(result.task_scale, w) and torch.equal(result.update, w @ J)
     scaled = torch.tensor([2.0, 1.0, 1.0])
     ratio = torch.tensor([0.5, 1.0, 0.5]) / (2 / 3)
     target = scaled.mean() * ratio
+    assert gn.w.grad is None  # the weight gradient is returned, not written, by `combine`
+    gn.write_grads(result.own_grads)
     torch.testing.assert_close(gn.w.grad, torch.sign(scaled - target) * torch.tensor([2.0, 1.0, 1.0]))
 
 
 def test_db_mtl_scales_ema_gradients_to_the_largest_norm():
-    from mtlvision.balancing.gradient_methods import DBMTL, DBMTLParams
+    from mtlvision.balancing.methods.db_mtl import DBMTL, DBMTLParams
 
     db = DBMTL(DBMTLParams(beta=0.5), TASKS)
     J1 = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     J2 = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, -1.0]])
     ctx = StepContext(torch.zeros(1), [], [], 0, 0)
-    db._combine(J1, ctx)
-    d, w = db._combine(J2, ctx)
+    _combine(db, J1, ctx)
+    d, w = _combine(db, J2, ctx)
     avg = 0.5 * (0.5 * J1) + 0.5 * J2  # first step: 0.5*0 + 0.5*J1; second: 0.5*avg + 0.5*J2
     norms = avg.norm(dim=1)
     torch.testing.assert_close(w, norms.max() / norms)

@@ -1,4 +1,5 @@
-"""Gramian-form gradient-balancing weights: each checked against its definition computed on J.
+"""Gramian-form gradient-balancing weights (the solvers in balancing/methods/): each checked against its
+definition computed on J.
 
 Every test builds a small float64 Jacobian J (tasks x dims), passes G = J Jᵀ to the function and
 checks d = Jᵀw directly in gradient space. The TorchJD cross-checks at the end run only when
@@ -12,7 +13,15 @@ import math
 import pytest
 import torch
 
-from mtlvision.balancing import gramian as gm
+from mtlvision.balancing.methods.aligned_mtl import aligned_mtl
+from mtlvision.balancing.methods.cagrad import cagrad
+from mtlvision.balancing.methods.gradvac import gradvac
+from mtlvision.balancing.methods.imtl_g import imtl_g
+from mtlvision.balancing.methods.mgda import mgda
+from mtlvision.balancing.methods.nash_mtl import nash_mtl
+from mtlvision.balancing.methods.pcgrad import pcgrad
+from mtlvision.balancing.methods.upgrad import upgrad
+from mtlvision.balancing.solvers import GramianSolverError
 
 F64 = torch.float64
 
@@ -59,7 +68,7 @@ def segment_min_norm(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 ])
 @pytest.mark.parametrize("exact", [True, False])
 def test_mgda_two_tasks_is_the_segment_min_norm_point(J, exact):
-    w = gm.mgda(gram(J), exact=exact)
+    w = mgda(gram(J), exact=exact)
     assert w.shape == (2,) and w.dtype == F64
     assert float(w.min()) >= 0.0 and abs(float(w.sum()) - 1.0) < 1e-12
     expected = segment_min_norm(J[0], J[1])
@@ -73,7 +82,7 @@ def test_mgda_two_tasks_is_the_segment_min_norm_point(J, exact):
 ])
 def test_mgda_kkt_conditions_three_tasks(J):
     G = gram(J)
-    w = gm.mgda(G)
+    w = mgda(G)
     scale = float(G.diagonal().mean())
     obj = float(w @ G @ w)
     Gw = G @ w
@@ -92,7 +101,7 @@ def test_mgda_kkt_conditions_three_tasks(J):
 
 def test_mgda_edge_case_weight_is_zero():
     J = t([[1.0, 0.0], [-1.0, 0.2], [0.0, 5.0]])
-    w = gm.mgda(gram(J))
+    w = mgda(gram(J))
     assert float(w[2]) == 0.0
     assert torch.allclose(agg(J, w), segment_min_norm(J[0], J[1]), atol=1e-14)
 
@@ -100,8 +109,8 @@ def test_mgda_edge_case_weight_is_zero():
 def test_mgda_frank_wolfe_alone_approaches_the_exact_point():
     J = rand_J(4, 9, 21)
     G = gram(J)
-    exact = gm.mgda(G)
-    fw = gm.mgda(G, exact=False, max_iter=20000, tol=1e-12)
+    exact = mgda(G)
+    fw = mgda(G, exact=False, max_iter=20000, tol=1e-12)
     e_obj, f_obj = float(exact @ G @ exact), float(fw @ G @ fw)
     assert e_obj <= f_obj + 1e-14
     assert f_obj <= e_obj * (1 + 1e-3)
@@ -109,9 +118,9 @@ def test_mgda_frank_wolfe_alone_approaches_the_exact_point():
 
 def test_mgda_keeps_dtype_and_scale_invariance():
     J = rand_J(3, 6, 5)
-    w32 = gm.mgda(gram(J).float())
+    w32 = mgda(gram(J).float())
     assert w32.dtype == torch.float32 and w32.shape == (3,)
-    assert torch.allclose(gm.mgda(gram(J)), gm.mgda(1e6 * gram(J)), atol=1e-10)
+    assert torch.allclose(mgda(gram(J)), mgda(1e6 * gram(J)), atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +146,7 @@ def pcgrad_reference(J: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def test_pcgrad_conflicting_pair_removes_exactly_the_conflicting_component():
     J = t([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0]])
-    w = gm.pcgrad(gram(J))
+    w = pcgrad(gram(J))
     g1, g2 = J
     g1p = g1 - float(g1 @ g2) / float(g2 @ g2) * g2      # (0.5, 0.5, 0)
     g2p = g2 - float(g2 @ g1) / float(g1 @ g1) * g1      # (0, 1, 0)
@@ -150,21 +159,21 @@ def test_pcgrad_conflicting_pair_removes_exactly_the_conflicting_component():
 
 def test_pcgrad_without_conflict_is_the_sum():
     J = t([[1.0, 0.2, 0.0], [0.5, 1.0, -0.1], [0.3, 0.3, 0.3]])
-    assert torch.equal(gm.pcgrad(gram(J)), torch.ones(3, dtype=F64))
+    assert torch.equal(pcgrad(gram(J)), torch.ones(3, dtype=F64))
 
 
 @pytest.mark.parametrize("T,N,seed", [(3, 5, 0), (4, 6, 1), (4, 12, 2), (5, 4, 3)])
 def test_pcgrad_equals_direct_implementation_with_same_permutations(T, N, seed):
     J = rand_J(T, N, seed)
     J[2] = -0.5 * J[1] + 0.2 * J[2]
-    w = gm.pcgrad(gram(J), generator=torch.Generator().manual_seed(seed))
+    w = pcgrad(gram(J), generator=torch.Generator().manual_seed(seed))
     expected = pcgrad_reference(J, torch.Generator().manual_seed(seed))
     assert torch.allclose(agg(J, w), expected, atol=1e-12)
 
 
 def test_pcgrad_zero_gradient_task_is_harmless():
     J = t([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-1.0, 1.0, 1.0]])
-    w = gm.pcgrad(gram(J), generator=torch.Generator().manual_seed(0))
+    w = pcgrad(gram(J), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(w).all()
     expected = pcgrad_reference(J, torch.Generator().manual_seed(0))
     assert torch.allclose(agg(J, w), expected, atol=1e-12)
@@ -190,7 +199,7 @@ def cagrad_dual_value(G: torch.Tensor, wf: torch.Tensor, c: float) -> float:
 def test_cagrad_ball_constraint_worst_case_and_optimality(c, T, N, seed):
     J = rand_J(T, N, seed)
     G = gram(J)
-    w = gm.cagrad(G, c=c)
+    w = cagrad(G, c=c)
     d = agg(J, w)
     g0 = J.mean(dim=0)
     radius = c * float(g0.norm())
@@ -214,18 +223,18 @@ def test_cagrad_ball_constraint_worst_case_and_optimality(c, T, N, seed):
 def test_cagrad_c_zero_and_rescale():
     J = rand_J(3, 5, 7)
     G = gram(J)
-    assert torch.allclose(gm.cagrad(G, c=0.0), torch.full((3,), 1 / 3, dtype=F64))
-    assert torch.allclose(gm.cagrad(G, c=0.5, rescale=True), gm.cagrad(G, c=0.5) / 1.25,
+    assert torch.allclose(cagrad(G, c=0.0), torch.full((3,), 1 / 3, dtype=F64))
+    assert torch.allclose(cagrad(G, c=0.5, rescale=True), cagrad(G, c=0.5) / 1.25,
                           atol=1e-12)
     with pytest.raises(ValueError):
-        gm.cagrad(G, c=-1.0)
+        cagrad(G, c=-1.0)
 
 
 def test_cagrad_pareto_stationary_point_gives_no_step():
     J = t([[1.0, 0.0], [-1.0, 0.0]])                 # g0 = 0: d = g0 = 0
-    assert float(agg(J, gm.cagrad(gram(J))).norm()) == 0.0
+    assert float(agg(J, cagrad(gram(J))).norm()) == 0.0
     J = t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.2, 0.0]])  # 0 in the hull, large c
-    w = gm.cagrad(gram(J), c=2.0)
+    w = cagrad(gram(J), c=2.0)
     assert torch.isfinite(w).all()
     assert float(agg(J, w).norm()) <= 1e-9
 
@@ -243,7 +252,7 @@ def projections(J: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_imtl_g_equal_projections_on_unit_gradients(T, N, seed):
     J = rand_J(T, N, seed)
     G = gram(J)
-    w = gm.imtl_g(G)
+    w = imtl_g(G)
     assert abs(float(w.sum()) - 1.0) < 1e-12
     p = projections(J, w)
     assert float((p - p[0]).abs().max()) <= 1e-10 * float(p.abs().max())
@@ -254,17 +263,17 @@ def test_imtl_g_equal_projections_on_unit_gradients(T, N, seed):
 
 def test_imtl_g_dependent_gradients_and_zero_gradient():
     J = t([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [-1.0, 0.5, 1.0]])  # two identical rows
-    w = gm.imtl_g(gram(J))
+    w = imtl_g(gram(J))
     assert torch.isfinite(w).all()
     p = projections(J, w)
     assert float((p - p[0]).abs().max()) <= 1e-9 * float(p.abs().max())
     assert abs(float(w.sum()) - 1.0) < 1e-9
     J = t([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-0.5, 1.0, 0.0]])  # a zero gradient: weight 0
-    w = gm.imtl_g(gram(J))
+    w = imtl_g(gram(J))
     assert float(w[0]) == 0.0
     p = projections(J[1:], w[1:])
     assert abs(float(p[0] - p[1])) <= 1e-12
-    assert torch.equal(gm.imtl_g(torch.zeros(3, 3, dtype=F64)), torch.zeros(3, dtype=F64))
+    assert torch.equal(imtl_g(torch.zeros(3, 3, dtype=F64)), torch.zeros(3, dtype=F64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,35 +284,35 @@ def test_imtl_g_dependent_gradients_and_zero_gradient():
 def test_nash_mtl_bargaining_condition(T, N, seed):
     J = 3.0 * rand_J(T, N, seed)
     G = gram(J)
-    w = gm.nash_mtl(G)
+    w = nash_mtl(G)
     assert float(w.min()) > 0.0
     Gw = G @ w
     assert float((Gw - 1.0 / w).abs().max()) <= 1e-6 * max(1.0, float((1.0 / w).max()))
     assert float((w * Gw - 1.0).abs().max()) <= 1e-6
     d = agg(J, w)
     assert abs(float(d @ d) - T) <= 1e-6 * T           # ||d||² = αᵀGα = T
-    assert torch.allclose(gm.nash_mtl(4.0 * G), w / 2.0, rtol=1e-7)
+    assert torch.allclose(nash_mtl(4.0 * G), w / 2.0, rtol=1e-7)
 
 
 def test_nash_mtl_singular_gramians():
     J = t([[1.0, 2.0, 2.0], [1.0, 2.0, 2.0]])       # identical: G = 9·11ᵀ, α = 1/√18 each
-    w = gm.nash_mtl(gram(J))
+    w = nash_mtl(gram(J))
     assert torch.allclose(w, torch.full((2,), 1 / math.sqrt(18.0), dtype=F64), rtol=1e-6)
     J = t([[1.0, 0.0], [-1.0, 0.0]])                 # opposite: no exact solution, d -> 0
-    w = gm.nash_mtl(gram(J))
+    w = nash_mtl(gram(J))
     assert torch.isfinite(w).all() and float(w.min()) > 0.0
     assert float(agg(J, w).norm()) <= 1e-6
     J = t([[1.0, 0.0], [-0.99, 0.05]])               # nearly opposite but solvable
-    w = gm.nash_mtl(gram(J))
+    w = nash_mtl(gram(J))
     Gw = gram(J) @ w
     assert float((w * Gw - 1.0).abs().max()) <= 1e-6
-    assert torch.equal(gm.nash_mtl(torch.zeros(2, 2, dtype=F64)), torch.zeros(2, dtype=F64))
+    assert torch.equal(nash_mtl(torch.zeros(2, 2, dtype=F64)), torch.zeros(2, dtype=F64))
 
 
 def test_nash_mtl_non_convergence_raises():
     G = gram(rand_J(4, 6, 9))
-    with pytest.raises(gm.GramianSolverError, match="did not converge"):
-        gm.nash_mtl(G, max_iter=1)
+    with pytest.raises(GramianSolverError, match="did not converge"):
+        nash_mtl(G, max_iter=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,13 +344,13 @@ def test_upgrad_is_mean_of_dual_cone_projections(T, N, seed):
     G = gram(J)
     projs = [dual_cone_projection_bruteforce(J, J[i]) for i in range(T)]
     for ridge, tol in [(0.0, 1e-12), (1e-12, 1e-10)]:       # exact, and the default ridge
-        d = agg(J, gm.upgrad(G, ridge=ridge))
+        d = agg(J, upgrad(G, ridge=ridge))
         assert torch.allclose(d, torch.stack(projs).mean(dim=0), atol=1e-9)
         assert float((J @ d).min()) >= -tol * float(G.diagonal().max())
     # one projection alone (pref = e_0 picks π(g_0))
     pref = torch.zeros(T, dtype=F64)
     pref[0] = 1.0
-    assert torch.allclose(agg(J, gm.upgrad(G, pref=pref)), projs[0], atol=1e-9)
+    assert torch.allclose(agg(J, upgrad(G, pref=pref)), projs[0], atol=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -350,25 +359,25 @@ def test_upgrad_never_conflicts(seed):
     J[2] = -J[3] + 0.1 * J[2]
     J[4] *= 30.0
     scale = float(gram(J).diagonal().max())
-    assert float((J @ agg(J, gm.upgrad(gram(J), ridge=0.0))).min()) >= -1e-12 * scale
-    assert float((J @ agg(J, gm.upgrad(gram(J)))).min()) >= -1e-10 * scale
+    assert float((J @ agg(J, upgrad(gram(J), ridge=0.0))).min()) >= -1e-12 * scale
+    assert float((J @ agg(J, upgrad(gram(J)))).min()) >= -1e-10 * scale
     # nearly opposite gradients: the ridge keeps the solve accurate (bounded weights)
     J[1] = -J[0] + 1e-6 * J[1]
-    w = gm.upgrad(gram(J))
+    w = upgrad(gram(J))
     assert torch.isfinite(w).all()
     assert float((J @ agg(J, w)).min()) >= -1e-6 * scale
     # float32 Gramian: conflicts only at float32 rounding level
-    w32 = gm.upgrad(gram(J).float())
+    w32 = upgrad(gram(J).float())
     assert float((J @ agg(J, w32)).min()) >= -1e-4 * scale
 
 
 def test_upgrad_special_cases():
     J = t([[1.0, 0.2, 0.0], [0.5, 1.0, -0.1]])       # no conflict: the mean gradient
-    assert torch.allclose(gm.upgrad(gram(J)), torch.full((2,), 0.5, dtype=F64), atol=1e-15)
+    assert torch.allclose(upgrad(gram(J)), torch.full((2,), 0.5, dtype=F64), atol=1e-15)
     J = t([[1.0, 2.0], [-1.0, -2.0]])                # opposite: dual cone is the orthogonal line
-    assert float(agg(J, gm.upgrad(gram(J))).norm()) <= 1e-12
+    assert float(agg(J, upgrad(gram(J))).norm()) <= 1e-12
     J = t([[1.0, 2.0], [1.0, 2.0], [-1.0, 1.0]])     # duplicated row, singular G
-    d = agg(J, gm.upgrad(gram(J)))
+    d = agg(J, upgrad(gram(J)))
     projs = torch.stack([dual_cone_projection_bruteforce(J, J[i]) for i in range(3)])
     assert torch.allclose(d, projs.mean(dim=0), atol=1e-9)
 
@@ -379,7 +388,7 @@ def test_upgrad_special_cases():
 
 def balance_matrix(G: torch.Tensor) -> torch.Tensor:
     T = G.shape[0]
-    return torch.stack([gm.aligned_mtl(G, pref=torch.eye(T, dtype=F64)[k]) for k in range(T)], 1)
+    return torch.stack([aligned_mtl(G, pref=torch.eye(T, dtype=F64)[k]) for k in range(T)], 1)
 
 
 @pytest.mark.parametrize("T,N,seed", [(2, 3, 0), (3, 8, 1), (4, 6, 2), (4, 20, 3)])
@@ -390,9 +399,9 @@ def test_aligned_mtl_equalises_singular_values(T, N, seed):
     sv = torch.linalg.svdvals(J.T @ B)
     sigma_min = float(torch.linalg.svdvals(J).min())
     assert torch.allclose(sv, torch.full_like(sv, sigma_min), rtol=1e-9)
-    w = gm.aligned_mtl(G)
+    w = aligned_mtl(G)
     assert torch.allclose(w, B @ torch.full((T,), 1.0 / T, dtype=F64), atol=1e-12)
-    assert torch.allclose(gm.aligned_mtl(G, pref=torch.ones(T)), T * w, atol=1e-12)
+    assert torch.allclose(aligned_mtl(G, pref=torch.ones(T)), T * w, atol=1e-12)
 
 
 def test_aligned_mtl_rank_deficient():
@@ -407,9 +416,9 @@ def test_aligned_mtl_rank_deficient():
     s = torch.linalg.svdvals(J)
     assert abs(float(nonzero[0]) - float(s[1])) <= 1e-9 * float(s[1])  # smallest kept σ
     # float32 Gramian: rounding noise must not count as a direction
-    w32 = gm.aligned_mtl(G.float())
+    w32 = aligned_mtl(G.float())
     assert w32.dtype == torch.float32
-    assert torch.allclose(w32.double(), gm.aligned_mtl(G), rtol=1e-3, atol=1e-5)
+    assert torch.allclose(w32.double(), aligned_mtl(G), rtol=1e-3, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,7 +437,7 @@ def test_gradvac_correction_reaches_target_and_ema_updates():
     J = pair_with_cosine(-0.3)
     ema = t([[0.0, 0.5], [0.5, 0.0]])
     ema_before = ema.clone()
-    w, new = gm.gradvac(gram(J), ema, beta=0.1)
+    w, new = gradvac(gram(J), ema, beta=0.1)
     assert torch.equal(ema, ema_before)                  # input state untouched
     a12, a21 = float(w[1]) - 1.0, float(w[0]) - 1.0      # T=2: w = (1 + a21, 1 + a12)
     assert a12 > 0 and a21 > 0
@@ -439,15 +448,15 @@ def test_gradvac_correction_reaches_target_and_ema_updates():
     assert float(new[0, 0]) == 0.0 and float(new[1, 1]) == 0.0
     # above the target: no correction, the EMA still moves
     J = pair_with_cosine(0.6)
-    w, new = gm.gradvac(gram(J), ema, beta=0.1)
+    w, new = gradvac(gram(J), ema, beta=0.1)
     assert torch.equal(w, torch.ones(2, dtype=F64))
     assert abs(float(new[0, 1]) - (0.9 * 0.5 + 0.1 * 0.6)) <= 1e-12
 
 
 def test_gradvac_zero_target_is_pcgrad():
     J = pair_with_cosine(-0.4)
-    w, new = gm.gradvac(gram(J), None, beta=0.01)
-    assert torch.allclose(w, gm.pcgrad(gram(J)), atol=1e-12)
+    w, new = gradvac(gram(J), None, beta=0.01)
+    assert torch.allclose(w, pcgrad(gram(J)), atol=1e-12)
     assert new.shape == (2, 2) and new.dtype == F64
     assert abs(float(new[0, 1]) - 0.01 * -0.4) <= 1e-12
 
@@ -482,40 +491,11 @@ def test_gradvac_matches_direct_implementation_over_steps(T, N):
         J = rand_J(T, N, 100 * T + step)
         if ema_ref is None:
             ema_ref = torch.zeros(T, T, dtype=F64)
-        w, ema_mine = gm.gradvac(gram(J), ema_mine, beta=0.3,
+        w, ema_mine = gradvac(gram(J), ema_mine, beta=0.3,
                                  generator=torch.Generator().manual_seed(step))
         d_ref, ema_ref = gradvac_reference(J, ema_ref, 0.3, torch.Generator().manual_seed(step))
         assert torch.allclose(agg(J, w), d_ref, atol=1e-10)
         assert torch.allclose(ema_mine, ema_ref, atol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------------
-# shared behaviour
-# ----------------------------------------------------------------------------------------------
-
-FUNCS = {
-    "mgda": gm.mgda,
-    "pcgrad": gm.pcgrad,
-    "cagrad": gm.cagrad,
-    "imtl_g": gm.imtl_g,
-    "nash_mtl": gm.nash_mtl,
-    "upgrad": gm.upgrad,
-    "aligned_mtl": gm.aligned_mtl,
-    "gradvac": lambda G: gm.gradvac(G)[0],
-}
-
-
-@pytest.mark.parametrize("name", sorted(FUNCS))
-def test_dtype_shape_and_validation(name):
-    f = FUNCS[name]
-    G = gram(rand_J(3, 5, 0)).float()
-    w = f(G)
-    assert w.shape == (3,) and w.dtype == torch.float32 and torch.isfinite(w).all()
-    assert f(torch.ones(1, 1)).shape == (1,)
-    with pytest.raises(ValueError):
-        f(torch.ones(2, 3))
-    with pytest.raises(ValueError):
-        f(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,10 +528,10 @@ def test_torchjd_upgrad(T, N, seed):
     J = rand_J(T, N, seed)
     G = gram(J)
     ref = _make(lambda: A.UPGradWeighting(projector=QuadprogProjector(reg_eps=0.0)), "UPGrad")(G)
-    assert torch.allclose(agg(J, gm.upgrad(G, ridge=0.0)), agg(J, ref), atol=1e-9)
-    assert torch.allclose(agg(J, gm.upgrad(G)), agg(J, ref), atol=1e-8)
+    assert torch.allclose(agg(J, upgrad(G, ridge=0.0)), agg(J, ref), atol=1e-9)
+    assert torch.allclose(agg(J, upgrad(G)), agg(J, ref), atol=1e-8)
     default = _make(lambda: A.UPGradWeighting(), "UPGrad")(G)     # with its 1e-4 regulariser
-    assert torch.allclose(agg(J, gm.upgrad(G)), agg(J, default), atol=1e-2)
+    assert torch.allclose(agg(J, upgrad(G)), agg(J, default), atol=1e-2)
 
 
 @pytest.mark.parametrize("T,N,seed", CROSS)
@@ -560,9 +540,9 @@ def test_torchjd_mgda(T, N, seed):
     J = rand_J(T, N, seed)
     G = gram(J)
     ref = A.MGDAWeighting(epsilon=1e-5, max_iters=250)(G)
-    fw = gm.mgda(G, exact=False, tol=1e-5, max_iter=250)
+    fw = mgda(G, exact=False, tol=1e-5, max_iter=250)
     assert torch.allclose(fw, ref, atol=1e-12)            # the same Frank–Wolfe iterates
-    ex = gm.mgda(G)
+    ex = mgda(G)
     assert float(ex @ G @ ex) <= float(ref @ G @ ref) + 1e-14
 
 
@@ -574,7 +554,7 @@ def test_torchjd_pcgrad(T, N, seed):
     G = gram(J)
     torch.manual_seed(seed)
     ref = A.PCGradWeighting()(G)
-    assert torch.allclose(gm.pcgrad(G, generator=torch.Generator().manual_seed(seed)), ref,
+    assert torch.allclose(pcgrad(G, generator=torch.Generator().manual_seed(seed)), ref,
                           atol=1e-12)
 
 
@@ -582,8 +562,8 @@ def test_torchjd_pcgrad(T, N, seed):
 def test_torchjd_imtl_g_and_aligned_mtl(T, N, seed):
     A = _torchjd_aggregation()
     G = gram(rand_J(T, N, seed))
-    assert torch.allclose(gm.imtl_g(G), A.IMTLGWeighting()(G), atol=1e-9)
-    assert torch.allclose(gm.aligned_mtl(G), A.AlignedMTLWeighting()(G), atol=1e-9)
+    assert torch.allclose(imtl_g(G), A.IMTLGWeighting()(G), atol=1e-9)
+    assert torch.allclose(aligned_mtl(G), A.AlignedMTLWeighting()(G), atol=1e-9)
 
 
 @pytest.mark.parametrize("T,N", [(2, 4), (3, 5), (4, 8)])
@@ -595,7 +575,7 @@ def test_torchjd_gradvac(T, N):
         G = gram(rand_J(T, N, 10 * T + step))
         torch.manual_seed(step)
         w_ref = ref(G)
-        w, ema = gm.gradvac(G, ema, beta=0.3, generator=torch.Generator().manual_seed(step))
+        w, ema = gradvac(G, ema, beta=0.3, generator=torch.Generator().manual_seed(step))
         assert torch.allclose(w, w_ref, atol=1e-9)
 
 
@@ -605,7 +585,7 @@ def test_torchjd_cagrad(T, N, seed):
     J = rand_J(T, N, seed)
     G = gram(J)
     ref = _make(lambda: A.CAGradWeighting(c=0.4, norm_eps=0.0), "CAGrad")(G)
-    d, d_ref = agg(J, gm.cagrad(G, c=0.4)), agg(J, ref)
+    d, d_ref = agg(J, cagrad(G, c=0.4)), agg(J, ref)
     # TorchJD solves the inner problem with a generic conic solver (about 1e-4 accurate here);
     # ours is certified optimal (primal = dual above), so it is at least as good and close.
     assert torch.allclose(d, d_ref, atol=1e-3 * float(d.norm()))
@@ -620,5 +600,5 @@ def test_torchjd_nash_mtl(T, N, seed):
     d_ref = nash(J).to(F64)
     # TorchJD (like the official code) stops its 20-step convex-approximation loop once
     # ||Gα − 1/α|| < 1e-3 on the Frobenius-normalised Gramian: agreement to about 1e-3.
-    d = agg(J, gm.nash_mtl(gram(J)))
+    d = agg(J, nash_mtl(gram(J)))
     assert torch.allclose(d, d_ref, atol=1e-2 * float(d.norm()))

@@ -1,0 +1,1 @@
+"""One module per balancing method (imported by `mtlvision.balancing`)."""
