@@ -193,18 +193,19 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from .balancing import METHODS
-    from .data import SOURCES
-    from .models import ARCHITECTURES, BACKBONES, HEADS
+    from .registry import ARCHITECTURES, BACKBONES, HEADS, METHODS, SOURCES
 
     registries = {"sources": SOURCES, "backbones": BACKBONES, "architectures": ARCHITECTURES,
                   "heads": HEADS, "methods": METHODS}
     for kind in ([args.kind] if args.kind else registries):
         table = Table(title=kind)
         table.add_column("name")
+        if kind == "methods":
+            table.add_column("cost per step")
         table.add_column("description")
         for e in registries[kind].entries():
-            table.add_row(e.name, e.description)
+            cost = [getattr(e.factory, "cost_class", "")] if kind == "methods" else []
+            table.add_row(e.name, *cost, e.description)
         Console().print(table)
 
 
