@@ -117,6 +117,12 @@ class TrainLoader:
             self._plan = (epoch, steps, order.to(self.data.device), params)
         return self._plan[2], self._plan[3]
 
+    def extra_batch(self, epoch: int, step: int, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's part of the `index`-th extra global batch of a step (for balancing methods that draw
+        more than one mini-batch): rows and augmentation keyed by (seed, stream, epoch, step, index)."""
+        g = keyed_generator(self.seed, self.stream, epoch, step, index, -3)
+        return keyed_batch(self.data, self.batch_size, g, self.rank, self.world_size, self.augment)
+
     def batch(self, epoch: int, step: int, steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         order, params = self._epoch_plan(epoch, steps)
         start = (step * self.world_size + self.rank) * self.batch_size
@@ -125,6 +131,21 @@ class TrainLoader:
         if self.augment is not None:
             x = self.augment(x, params[rows])
         return x, y
+
+
+def keyed_batch(data: TensorImages, batch_size: int, g: torch.Generator, rank: int = 0, world_size: int = 1,
+                augment: BatchAugment | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rank `rank`'s slice of a global batch of `world_size` x `batch_size` random rows of `data` (without
+    replacement where it has enough), drawn from `g`; augmented when `augment` is given."""
+    total = batch_size * world_size
+    laps = math.ceil(total / len(data))
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(laps)])[:total]
+    params = augment.draw(total, g) if augment is not None else None
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    x, y = data.take(order[mine].to(data.device))
+    if augment is not None:
+        x = augment(x, params[mine].to(data.device))
+    return x, y
 
 
 def eval_batches(data: TensorImages, batch_size: int, lo: int = 0, hi: int | None = None,

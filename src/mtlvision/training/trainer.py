@@ -20,6 +20,7 @@ from ..rundir import RunDir
 from . import checkpoint
 from .assembly import Parts, Split
 from .callbacks import Callback, Metrics
+from .probes import Prober
 from .progress import ProgressReporter
 from .runtime import Runtime
 
@@ -51,6 +52,7 @@ class Trainer:
         self.loaders, self.normalize, self.steps = parts.loaders, parts.normalize, parts.steps
         self.device, self.dist, self.resume = runtime.device, runtime.dist, resume
         self.callbacks = list(callbacks)
+        self.prober = Prober(self)  # extra forward passes for methods that need them (balancing/context.py)
         self.progress = ProgressReporter(self.cfg.train.epochs, self.steps, enabled=not quiet and self.dist.is_main)
         self.start_epoch, self.wall_before = 0, 0.0
         self.best: dict[str, Any] = {"epoch": -1, "score": -1.0}
@@ -80,7 +82,8 @@ class Trainer:
             losses = self.dist.global_losses(losses, {t.name: (labels[t.name] >= 0).sum() for t in self.tasks})
         self.optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(out.shared, p.shared_params, p.task_params, step, epoch, trunk=out.trunk,
-                          all_reduce=self.dist.all_reduce, world_size=self.dist.world_size)
+                          all_reduce=self.dist.all_reduce, world_size=self.dist.world_size,
+                          probe=self.prober.for_step(x, labels, rows, epoch, step))
         weights = self.balancer.backward(losses, ctx)
         self.dist.average_gradients(p.averaged)
         if self.cfg.train.grad_clip:
