@@ -132,10 +132,10 @@ class Trainer:
         return stats, seen / (time.perf_counter() - t0)
 
     def _kept(self) -> str:
-        """What a diverged run leaves: the last good checkpoint, if one was written."""
+        """What a diverged run leaves (a sentence): the last good checkpoint, if one was written."""
         if self.run.has_checkpoint():
-            return f"the last good checkpoint is kept at {self.run.checkpoint_path}"
-        return "no checkpoint was written (it diverged before the end of its first epoch)"
+            return f"The last good checkpoint is kept at {self.run.checkpoint_path}"
+        return "No checkpoint was written (it diverged before the end of its first epoch)"
 
     def _read(self, sums: torch.Tensor, first_bad: torch.Tensor, names: list[str], epoch: int) -> Metrics:
         """Per-task running loss/accuracy; raises TrainingDiverged naming the first non-finite task."""
@@ -145,7 +145,7 @@ class Trainer:
             culprits = [n for i, n in enumerate(names) if first[i] == at]
             also = f" (with {', '.join(culprits[1:])})" if len(culprits) > 1 else ""
             raise TrainingDiverged(f"task {culprits[0]!r}: loss became NaN/inf in epoch {epoch + 1} at step {at + 1}"
-                                   f"{also}; stopped. {self._kept().capitalize()} (try a lower train.lr or "
+                                   f"{also}; stopped. {self._kept()} (try a lower train.lr or "
                                    "train.grad_clip)")
         s = self.dist.all_reduce(sums).cpu()
         cnt = s[2].clamp(min=1)
@@ -161,7 +161,7 @@ class Trainer:
         if bad_params or bad_val:
             what = "the model's parameters" if bad_params else f"the validation loss of {', '.join(bad_val)}"
             raise TrainingDiverged(f"{what} became NaN/inf in epoch {epoch + 1}; stopped before saving it. "
-                                   f"{self._kept().capitalize()} (try a lower train.lr or train.grad_clip)")
+                                   f"{self._kept()} (try a lower train.lr or train.grad_clip)")
 
     def evaluate(self, splits: Split) -> Metrics:
         return evaluate(self.model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
