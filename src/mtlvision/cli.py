@@ -44,6 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .rundir import RunDir
     from .config import load_config
     from .reports import print_results
     from .training import default_out_dir, train
@@ -52,8 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     resume = args.resume is not None
     if args.config is None and not resume:
         raise MTLVisionError("train: give a CONFIG.yaml (or --resume RUN_DIR)")
-    config_path = args.config or Path(args.resume) / "config.yaml"
-    cfg = load_config(config_path, args.set)
+    cfg = load_config(args.config, args.set) if args.config else RunDir(args.resume).read_config(args.set)
     out = Path(args.resume) if resume else Path(args.out) if args.out else default_out_dir(cfg)
     if args.out and resume and Path(args.out) != Path(args.resume):
         raise MTLVisionError("train: --out and --resume name different folders; give one")

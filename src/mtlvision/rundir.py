@@ -144,6 +144,16 @@ class RunDir:
     def write_config(self, cfg: Config) -> None:
         write_text(self.path / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    def is_run(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def has_best(self) -> bool:
+        return (self.path / BEST).is_file()
+
+    def config_text(self) -> str:
+        """config.yaml as written (a report shows it verbatim)."""
+        return (self.path / CONFIG).read_text()
+
     def read_config(self, overrides: Optional[list[str]] = None) -> Config:
         path = self.path / CONFIG
         if not path.is_file():
@@ -184,16 +194,20 @@ class RunDir:
         with (self.path / METRICS).open("a") as f:
             f.write(dumps(line, indent=None) + "\n")
 
-    def metrics(self) -> list[dict[str, Any]]:
-        """The epoch lines, skipping a torn last line."""
+    def read_metrics(self) -> tuple[list[dict[str, Any]], int]:
+        """The epoch lines (none when the file is absent) and how many unreadable lines were skipped (a crash
+        can leave a torn last line)."""
         path = self.path / METRICS
-        out = []
+        out, bad = [], 0
         for line in (path.read_text().splitlines() if path.is_file() else []):
             try:
                 out.append(json.loads(line))
             except ValueError:
-                continue
-        return out
+                bad += 1
+        return out, bad
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.read_metrics()[0]
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the lines up to `last_epoch` (a crash can leave a later or a torn line)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MTLVisionError
+from ..rundir import RunDir
 from .tables import print_results, results_table
 
 
@@ -24,7 +25,7 @@ def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = Non
         from .bench_report import build_bench_report
 
         return write(build_bench_report(src, dest), dest)
-    if (src / "config.yaml").is_file():
+    if RunDir(src).is_run():
         from .run_report import build_run_report
 
         return write(build_run_report(src, device), dest)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ from ..data.loader import TensorImages
 from ..errors import MTLVisionError
 from ..evaluation.evaluate import evaluate_meters
 from ..inference import Run
+from ..rundir import RunDir
 from ..tasks import MISSING, Task
 from . import plots
 from .document import Code, Figure, Heading, Report, Section, Table, Text
@@ -57,20 +57,6 @@ def evaluate_test(run: Run, splits: Splits) -> dict[str, TaskEvaluation]:
     """Score a loaded `inference.Run` on `splits` (from `run.load_split`), keeping confusion matrices."""
     meters = evaluate_meters(run.model, splits, run.tasks, run.normalize, run.config.data.eval_batch_size)
     return {name: TaskEvaluation(m.task, m.confusion.cpu().numpy(), m.compute()) for name, m in meters.items()}
-
-
-def read_history(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
-    """metrics.jsonl lines (empty when absent) and the number of unreadable lines skipped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return [], 0
-    lines, bad = [], 0
-    for raw in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(raw))
-        except ValueError:
-            bad += 1
-    return lines, bad
 
 
 def _pct(value: Optional[float]) -> str:
@@ -162,7 +148,7 @@ def _weights_section(run_dir: Path, history: list[dict[str, Any]]) -> Section:
                if task in h.get("balancing", {}).get("weight", {})]
         means[task] = ([p[0] for p in pts], [p[1] for p in pts])
     steps_per_epoch = history[0]["step"] / (history[0]["epoch"] + 1)
-    steps = {t: (s / steps_per_epoch, v) for t, (s, v) in _tb_scalars(run_dir / "tb", "task_weight/").items()}
+    steps = {t: (s / steps_per_epoch, v) for t, (s, v) in _tb_scalars(RunDir(run_dir).tb_path, "task_weight/").items()}
     if not means and not steps:
         return Section("Task weights", [Text("No task weights were logged in metrics.jsonl or tb/.", note=True)])
     if steps:
@@ -265,12 +251,13 @@ def _images_section(run: Run, splits: Splits, n: int) -> Section:
 
 def build_run_report(run_dir: Path, device: str = "cpu", n_images: int = GRID_IMAGES) -> Report:
     """Everything a run directory allows; what it cannot (and why) goes into the report's notes."""
-    if not (run_dir / "config.yaml").is_file():
+    rundir = RunDir(run_dir)
+    if not rundir.is_run():
         raise MTLVisionError(f"{run_dir}: not a run directory (no config.yaml)")
-    raw_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    history, bad_lines = read_history(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
-    has_best = (run_dir / "best.pt").is_file()
+    raw_cfg = yaml.safe_load(rundir.config_text()) or {}
+    history, bad_lines = rundir.read_metrics()
+    summary = rundir.read_summary()
+    has_best = rundir.has_best()
     if not history and not has_best:
         raise MTLVisionError(f"{run_dir}: nothing to report: no metrics.jsonl and no best.pt (no epoch finished)")
     notes = []
@@ -306,7 +293,7 @@ def build_run_report(run_dir: Path, device: str = "cpu", n_images: int = GRID_IM
         notes.append("metrics.jsonl is missing or empty: learning curves, task weights and gradients were skipped.")
     if run is not None:
         sections += [_evaluation_section(evals, run.best_epoch + 1), _images_section(run, splits, n_images)]
-    sections.append(Section("Configuration", [Code((run_dir / "config.yaml").read_text())]))
+    sections.append(Section("Configuration", [Code(rundir.config_text())]))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"Run report: {raw_cfg.get('name', run_dir.name)}"
     return Report(title, f"{run_dir.resolve()} · method {method} · generated {when}", sections, notes)

@@ -54,7 +54,7 @@ def train_single_task_baselines(cfg: Config, out: RunDir | str | os.PathLike, ta
         run = out.baseline(task)
         dirs[task] = str(run.path)
         stl_cfg = single_task_config(cfg, task, tasks)
-        if (run / "config.yaml").is_file():
+        if run.is_run():
             diff = config_differences(run.read_config(), stl_cfg)
             if diff:
                 raise MTLVisionError(f"{run.path} holds a single-task run with a different config "
