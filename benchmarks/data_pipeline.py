@@ -135,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         tr.model.train()
         pre = [tr.next_batch(0, s) for s in range(min(8, tr.steps))]  # made before any timing, then reused
         batch_images = len(pre[0][0])
-        pos = {"pipeline": 0, "loader": 0, "in_memory": 0}  # pipeline and loader in lockstep: same (epoch, step)s, so they share the loaders' epoch order
+        # pipeline and loader in lockstep: the same (epoch, step)s, so they share the loaders' epoch order
+        pos = {"pipeline": 0, "loader": 0, "in_memory": 0}
 
         def advance(kind: str) -> tuple[int, int]:
             pos[kind] += 1

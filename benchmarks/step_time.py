@@ -155,8 +155,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    f"{args.clock} clock); mtlvision code: {code}"),
         ("mtlvision", f"{med['mtlvision']:.1f} ms/step  (median; cycles {spread['mtlvision']})"),
         ("plain PyTorch", f"{med['plain']:.1f} ms/step  (median; cycles {spread['plain']})"),
-        ("ratio mtl/plain", f"{fmt_ratio(ratio)}  (median of per-cycle ratios [95% interval]; IQR "
-                            f"{ratio['iqr'][0]:.3f}-{ratio['iqr'][1]:.3f}; ratio of medians {ratio['of_medians']:.3f})"),
+        ("ratio mtl/plain", f"{fmt_ratio(ratio)}  (median of per-cycle ratios [95% interval]; IQR {ratio['iqr'][0]:.3f}"
+                            f"-{ratio['iqr'][1]:.3f}; ratio of medians {ratio['of_medians']:.3f})"),
         (f"goal <= {GOAL}", fields["verdict"].upper()),
     ]
     report("step_time: mtlvision training step vs plain PyTorch loop (CPU)", rows, result, args.json)

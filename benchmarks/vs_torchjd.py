@@ -186,7 +186,8 @@ def agreement(method: str, base: torch.nn.Module, tasks: list[Task], batch: tupl
     res["pass"] = res["update"] <= TOL and res["heads"] <= TOL
     if method == "mgda":  # min-norm objective of mtlvision's default exact solver vs Frank-Wolfe's
         exact = gramian.mgda(G)
-        res["min_norm_exact"], res["min_norm_frank_wolfe"] = float(exact @ G @ exact), float(w_ref.double() @ G @ w_ref.double())
+        fw = w_ref.double()
+        res["min_norm_exact"], res["min_norm_frank_wolfe"] = float(exact @ G @ exact), float(fw @ G @ fw)
     return res
 
 
@@ -236,7 +237,8 @@ def bench(tasks: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     for m in args.methods:
         for k in KINDS:
             name = f"{m}/{k}"
-            rows.append({"tasks": tasks, "method": m, "variant": k, "ms_per_step": 1000 * statistics.median(times[name]),
+            rows.append({"tasks": tasks, "method": m, "variant": k,
+                         "ms_per_step": 1000 * statistics.median(times[name]),
                          **ratio_fields(ratio_stats(times[name], times[f"{m}/jd-autojac"])),
                          "vs_ew": ratio_stats(times[name], times["ew"])["median"], "peak_mib": peaks.get(name),
                          "peak_over_ew_mib": peaks[name] - peaks["ew"] if name in peaks else None,

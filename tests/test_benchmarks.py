@@ -2,7 +2,10 @@
 scripts), as a subprocess with this checkout's src/ first on PYTHONPATH, and prints its JSON with the
 fields the README quotes. A smoke run measures nothing, so no number is checked; the timing statistics
 that decide a benchmark's verdict are tested on known inputs at the end. Parts that need a GPU or the
-real datasets are skipped with the reason."""
+real datasets are skipped with the reason.
+
+Each subprocess spends most of its few seconds importing torch, so the smoke runs of the selected tests
+start together, two at a time, when the first of them asks for its result (`smoke_runs`)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,18 +25,52 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, expect: int = 0, timeout: int = 300
-        ) -> tuple[dict, subprocess.CompletedProcess]:
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> tuple[dict, str]:
+    """Run `cmd` from the repository root with this checkout's src/ first; its JSON output and stderr."""
     full_env = {**os.environ, **(env or {}),
                 "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == expect, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    out = proc.stdout
-    return (json.loads(out[out.index("{"):]) if expect == 0 else {}), proc
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    assert "{" in proc.stdout, f"{' '.join(cmd)} printed no JSON:\n{proc.stdout[-2000:]}"
+    return json.loads(proc.stdout[proc.stdout.index("{"):]), proc.stderr
 
 
-def smoke(script: str, *extra: str) -> dict:
-    return run([sys.executable, str(BENCH / script), "--smoke", *extra])[0]
+def _script(name: str, *extra: str) -> tuple[list[str], dict[str, str]]:
+    return [sys.executable, str(BENCH / name), "--smoke", "--json", *extra], {}
+
+
+def _dry(name: str, *extra: str) -> tuple[list[str], dict[str, str]]:
+    return ["bash", str(BENCH / name), *extra], {"DRY_RUN": "1"}
+
+
+# test name -> the command whose output it checks
+COMMANDS = {
+    "test_balancing_overhead_smoke": _script("balancing_overhead.py"),
+    "test_balancing_memory_smoke": _script("balancing_memory.py"),
+    "test_step_time_smoke": _script("step_time.py"),
+    "test_arch_step_time_smoke": _script("arch_step_time.py"),
+    "test_data_pipeline_smoke": _script("data_pipeline.py"),
+    "test_ddp_scaling_smoke": _script("ddp_scaling.py"),
+    "test_cifar10_reference_smoke": ([sys.executable, str(BENCH / "cifar10_reference.py"), "--smoke"], {}),
+    "test_vs_torchjd_smoke": _script("vs_torchjd.py"),
+    "test_shell_benchmarks_dry_run[gpu_cifar10.sh]": _dry("gpu_cifar10.sh", "--set", "train.epochs=50"),
+    "test_shell_benchmarks_dry_run[methods_multimnist.sh]": _dry("methods_multimnist.sh", "equal", "pcgrad", "db_mtl"),
+    "test_shell_benchmarks_dry_run[reference_ab.sh]": _dry("reference_ab.sh", "5"),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request):
+    """Futures of the commands of the selected tests, run two at a time from the first request on."""
+    selected = {item.name for item in request.session.items}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(run, *cmd) for name, cmd in COMMANDS.items() if name in selected}
+    yield futures
+    pool.shutdown(cancel_futures=True)
+
+
+def smoke(futures: dict[str, Future], request) -> dict:
+    return futures[request.node.name].result()[0]
 
 
 def has_keys(d: dict, *keys: str) -> None:
@@ -43,8 +81,8 @@ def has_keys(d: dict, *keys: str) -> None:
 RATIO_FIELDS = ("ratio", "ratio_ci", "ci_coverage", "ratio_iqr", "cycles", "verdict")
 
 
-def test_balancing_overhead_smoke():
-    out = smoke("balancing_overhead.py", "--json")
+def test_balancing_overhead_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     has_keys(out, "rows", "resolved_3pct", "env", "args")
     kinds = {r["kind"] for r in out["rows"]}
     assert kinds == {"loss", "gradient/feature", "gradient/parameter"}
@@ -55,29 +93,29 @@ def test_balancing_overhead_smoke():
     assert all("resolved" in r for r in out["rows"] if r["method"] == "fixed")
 
 
-def test_balancing_memory_smoke():
-    out = smoke("balancing_memory.py", "--json")
+def test_balancing_memory_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     assert [r["method"] for r in out["rows"]] == ["equal", "pcgrad"]
     for r in out["rows"]:
         has_keys(r, "kind", "j_mib", "peak_rss_mib", "rss_over_ew_mib", "peak_cuda_mib")
 
 
-def test_step_time_smoke():
-    out = smoke("step_time.py", "--json")
+def test_step_time_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     has_keys(out, "ms_per_step", "ratio_mtlvision_over_plain", "verdict", "pass", "goal", *RATIO_FIELDS)
     has_keys(out["ms_per_step"], "mtlvision", "plain")
     has_keys(out["ratio_mtlvision_over_plain"], "median", "ci", "coverage", "min", "max")
 
 
-def test_arch_step_time_smoke():
-    out = smoke("arch_step_time.py", "--json")
+def test_arch_step_time_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     assert [r["architecture"] for r in out["rows"]] == ["hps", "task-features", "mtan"]
     for r in out["rows"]:
         has_keys(r, "step_ratio", "ratio_ci", "ms_per_step", "images_per_s", "parameters", "flops_ratio")
 
 
-def test_data_pipeline_smoke():
-    out = smoke("data_pipeline.py", "--json")
+def test_data_pipeline_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     has_keys(out, "verdict", "img_per_s", "loader_ms_per_batch", "ratio_pipeline_over_in_memory", "cache",
              *RATIO_FIELDS)
     has_keys(out["cache"], "build_s", "reload_s", "images")
@@ -89,28 +127,28 @@ def test_data_pipeline_on_the_real_cifar10(tmp_path):
     data = SHARED_DATA / "cifar10"
     if not (data / "train.tar.gz").is_file():
         pytest.skip(f"real CIFAR-10 not found at {data} (set MTLVISION_DATA)")
-    out = smoke("data_pipeline.py", "--json", "--data-root", str(data), "--cache-dir", str(tmp_path))
+    out = run(_script("data_pipeline.py", "--data-root", str(data), "--cache-dir", str(tmp_path))[0])[0]
     assert out["cache"]["images"] == 60000 and out["cache"]["build_s"] > 0
 
 
-def test_ddp_scaling_smoke():
+def test_ddp_scaling_smoke(smoke_runs, request):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    out = smoke("ddp_scaling.py", "--json")
+    out = smoke(smoke_runs, request)
     has_keys(out, "images_per_s", "ratio_2p_over", "comm_share_2p", "ms_per_step")
     has_keys(out["images_per_s"], "2p", "1p-all", "1p-half")
     has_keys(out["ratio_2p_over"]["1p-half"], "median", "ci", "coverage")
 
 
-def test_cifar10_reference_smoke():
-    out = run([sys.executable, str(BENCH / "cifar10_reference.py"), "--smoke"])[0]
+def test_cifar10_reference_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
     has_keys(out, "test_accuracy", "train_images_per_s", "train_wall_s", "epochs")
     assert out["smoke"] and out["train_images"] == 80
 
 
-def test_vs_torchjd_smoke():
+def test_vs_torchjd_smoke(smoke_runs, request):
     pytest.importorskip("torchjd", reason="TorchJD is not installed (a test dependency: pip install -e .[dev])")
-    out = smoke("vs_torchjd.py", "--json")
+    out = smoke(smoke_runs, request)
     has_keys(out, "rows", "agreement_pass")
     variants = {(r["method"], r["variant"]) for r in out["rows"]}
     assert variants == {("equal", "ew")} | {(m, k) for m in ("upgrad", "mgda", "pcgrad")
@@ -125,13 +163,12 @@ def test_vs_torchjd_smoke():
     assert out["agreement_pass"], [r["agreement"] for r in out["rows"] if "agreement" in r]
 
 
-@pytest.mark.parametrize("script,args,count", [("gpu_cifar10.sh", ["--set", "train.epochs=50"], 1),
-                                               ("methods_multimnist.sh", ["equal", "pcgrad", "db_mtl"], 3),
-                                               ("reference_ab.sh", ["5"], 8)])
-def test_shell_benchmarks_dry_run(script, args, count):
+@pytest.mark.parametrize("script,count", [("gpu_cifar10.sh", 1), ("methods_multimnist.sh", 3), ("reference_ab.sh", 8)],
+                         ids=["gpu_cifar10.sh", "methods_multimnist.sh", "reference_ab.sh"])
+def test_shell_benchmarks_dry_run(script, count, smoke_runs, request):
     if shutil.which("bash") is None:
         pytest.skip("bash is not available")
-    out = run(["bash", str(BENCH / script), *args], env={"DRY_RUN": "1"})[0]
+    out = smoke(smoke_runs, request)
     assert out["dry_run"] and out["valid"], out
     assert len(out["commands"]) == count
 

@@ -243,8 +243,9 @@ def write_results(rows: list[dict[str, Any]], out: Path, header: str) -> None:
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["architecture"], r["method"], *[_pm(r["tasks"].get(t)) for t in tasks],
-                 _pm(r["delta_m"], signed=True), _ci(r.get("delta_m_ci")), _fmt(r["images_per_s"]), _fmt(r["s_per_epoch"]),
-                 _fmt(r["peak_memory_mb"], 0), f"{r['parameters']:,}" if r["parameters"] else "-", str(r["seeds"])]
+                 _pm(r["delta_m"], signed=True), _ci(r.get("delta_m_ci")), _fmt(r["images_per_s"]),
+                 _fmt(r["s_per_epoch"]), _fmt(r["peak_memory_mb"], 0),
+                 f"{r['parameters']:,}" if r["parameters"] else "-", str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     buf = io.StringIO()
