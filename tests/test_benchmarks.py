@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> tuple[dict, str]:
-    """Run `cmd` from the repository root with this checkout's src/ first; its JSON output and stderr."""
-    full_env = {**os.environ, **(env or {}),
+def run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300,
+        base_env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Run `cmd` from the repository root with this checkout's src/ first; its JSON output and stderr.
+    `base_env`: the environment to start from (default: this process's, read now)."""
+    full_env = {**(base_env if base_env is not None else os.environ), **(env or {}),
                 "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
@@ -63,8 +65,9 @@ COMMANDS = {
 def smoke_runs(request):
     """Futures of the commands of the selected tests, run two at a time from the first request on."""
     selected = {item.name for item in request.session.items}
+    base_env = dict(os.environ)  # read here: the threads must not iterate os.environ while tests patch it
     pool = ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(run, *cmd) for name, cmd in COMMANDS.items() if name in selected}
+    futures = {name: pool.submit(run, *cmd, base_env=base_env) for name, cmd in COMMANDS.items() if name in selected}
     yield futures
     pool.shutdown(cancel_futures=True)
 
