@@ -27,6 +27,9 @@ from _common import default_threads, environment
 
 from balancing_overhead import add_setup_args, j_mib, kind, make_trainer
 
+SMOKE = {"tasks": [3], "inputs": ["single"], "methods": ["equal", "pcgrad"], "width": 0.0625, "batch_size": 12,
+         "steps": 1, "warmup": 0, "threads": 1}
+
 
 def peak_rss_mib() -> float:
     """This process's peak RSS: VmHWM (Linux), else ru_maxrss. VmHWM belongs to the process's own address
@@ -71,10 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--smoke", action="store_true",
+                    help="EW and PCGrad on a tiny network, one step each: checks that the script works")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args._child:
         return child(args)
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1, --warmup >= 0")
     methods = ["equal", *[m for m in args.methods if m != "equal"]]
     rows = []
     for t in args.tasks:
@@ -84,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["rss_over_ew_mib"] = r["peak_rss_mib"] - group[0]["peak_rss_mib"]
             rows += group
     if args.json:
-        json.dump({"env": environment(), "args": vars(args), "rows": rows}, sys.stdout, indent=2)
+        json.dump({"benchmark": "balancing_memory", "env": environment(), "args": vars(args), "rows": rows},
+                  sys.stdout, indent=2)
         print()
         return 0
     print(f"peak memory per balancing method: resnet18 w{args.width}, batch {args.batch_size}, {args.space} "

@@ -13,7 +13,8 @@ allows: the shared CIFAR-10 files are 4:2:0 quality-75 JPEG re-encodings.
 Example:  python benchmarks/cifar10_reference.py --device cuda --epochs 30            (GPU: bf16, batch 512)
           ... --limit 47500 / --no-decay-norms / --max-momentum 0.9 / --mtlvision-init
                                                                  (mtlvision's choices, one at a time)
-          python benchmarks/cifar10_reference.py --width 0.25 --epochs 2 --limit 5000  (CPU smoke run)
+          python benchmarks/cifar10_reference.py --width 0.25 --epochs 2 --limit 5000  (short CPU run)
+          python benchmarks/cifar10_reference.py --smoke    (100 random JPEGs, tiny network: does it run?)
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def loaders(root: Path, batch: int, workers: int, limit: int, pin: bool) -> tupl
             torch.utils.data.DataLoader(test, 1000, **kw))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(os.environ.get("MTLVISION_DATA", "../shared/data"), "cifar10"),
                     help="folder with train.tar.gz and test.tar.gz (default $MTLVISION_DATA/cifar10)")
@@ -93,7 +94,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="train on this many random images (0: all)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 epoch of a width-0.0625 network on 100 random JPEGs in CIFAR-10's layout (made on the "
+                         "fly unless --data is given), on the CPU: checks that the script works")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    smoke_dir = None
+    if args.smoke:
+        args.device, args.epochs, args.batch_size, args.width, args.workers = "cpu", 1, 8, 0.0625, 0
+        torch.set_num_threads(1)  # tiny ops on several threads of a busy machine spin
+        if "--data" not in (argv if argv is not None else sys.argv[1:]):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from _smoke import make_tiny_cifar10  # numpy and PIL only: no mtlvision code
+
+            smoke_dir = tempfile.TemporaryDirectory(prefix="cifar10-ref-smoke-")
+            args.data = str(make_tiny_cifar10(Path(smoke_dir.name)))
+    if min(args.epochs, args.batch_size) < 1 or args.width <= 0 or args.limit < 0 or args.workers < 0:
+        ap.error("--epochs and --batch-size must be >= 1, --width > 0, --limit and --workers >= 0")
+    if not all((Path(args.data) / f"{s}.tar.gz").is_file() for s in ("train", "test")):
+        ap.error(f"--data {args.data}: expected train.tar.gz and test.tar.gz there (set MTLVISION_DATA or --data)")
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -145,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                       "max_momentum": args.max_momentum,
                       "mtlvision_init": args.mtlvision_init, "train_wall_s": round(train_s, 1),
                       "train_images_per_s": round(seen / train_s), "device": torch.cuda.get_device_name(device)
-                      if cuda else "cpu", "torch": torch.__version__}, indent=1))
+                      if cuda else "cpu", "torch": torch.__version__, "smoke": args.smoke}, indent=1))
+    if smoke_dir is not None:
+        smoke_dir.cleanup()
     return 0
 
 

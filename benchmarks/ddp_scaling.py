@@ -11,6 +11,9 @@ rounds), the ratios 2p/1p-all and 2p/1p-half (median of the per-round ratios; 2p
 perfect scaling), and the communication share of a 2p step: wall time inside all_reduce calls / step time
 (gloo's all_reduce is synchronous, so this includes waiting for the slower rank).
 
+Ratios come with the 95% interval of their median (`_timing.py`); with the default 3 rounds the interval
+is the range of the rounds and reaches only 75% coverage: give --rounds 6 or more for a 95% interval.
+
 Example:  python benchmarks/ddp_scaling.py                       (width 0.25, batch 64, 3 rounds x 8 steps)
           python benchmarks/ddp_scaling.py --method mgda --space parameter --json
 """
@@ -28,7 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _common import default_threads, environment, ratio_stats, report  # also registers bench-random
+from _common import default_threads, environment, report  # also registers bench-random
+from _timing import fmt_ratio, ratio_stats
 
 from mtlvision.config import load_config
 from mtlvision.training.trainer import Trainer
@@ -77,7 +81,9 @@ VARIANTS = {"2p": (2, 2), "1p-all": (1, 1), "1p-half": (1, 2)}  # name: (process
 def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
     world, div = VARIANTS[variant]
     with tempfile.TemporaryDirectory(prefix="mtlvision-ddp-") as tmp:
-        mp.spawn(_worker, args=(world, max(1, args.threads // div), args, tmp), nprocs=world)
+        # --smoke forks (no re-import of torch per process: seconds instead of tens); measurements spawn
+        mp.start_processes(_worker, args=(world, max(1, args.threads // div), args, tmp), nprocs=world,
+                           start_method="fork" if args.smoke else "spawn")
         return torch.load(Path(tmp) / "result.pt")
 
 
@@ -93,7 +99,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=default_threads(),
                     help="CPU threads in total, split between the processes (default: all cores)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one round of one step on a tiny network, one thread, forked processes: checks that the "
+                         "script works")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup, args.rounds, args.width, args.batch_size, args.threads = 1, 0, 1, 0.0625, 8, 1
     if min(args.steps, args.rounds, args.batch_size, args.threads) < 1 or args.warmup < 0:
         ap.error("--steps, --rounds, --batch-size and --threads must be >= 1, --warmup >= 0")
 
@@ -126,8 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "order rotating per round"),
         *[(n, f"{med[n]:.0f} images/s  ({ms[n]:.0f} ms/step; rounds {min(rate[n]):.0f}-{max(rate[n]):.0f})")
           for n in names],
-        *[(f"ratio 2p/{b}", f"{q['median']:.2f}  (median of per-round ratios; range {q['min']:.2f}-{q['max']:.2f}; "
-                            f"ratio of medians {q['of_medians']:.2f})") for b, q in ratio.items()],
+        *[(f"ratio 2p/{b}", f"{fmt_ratio(q)}  (median of per-round ratios [interval, {100 * q['coverage']:.0f}% "
+                            f"coverage]; ratio of medians {q['of_medians']:.2f})") for b, q in ratio.items()],
         ("comm share (2p)", f"{100 * share:.1f}% of the step inside all_reduce (incl. waiting for the other rank)"),
     ]
     report("ddp_scaling: images/s with 1 and 2 processes (gloo, CPU)", rows, result, args.json)

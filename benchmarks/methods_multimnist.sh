@@ -2,11 +2,21 @@
 # Every balancing method on Multi-MNIST with the same budget (configs/multimnist.yaml, EPOCHS epochs each),
 # then a table of test accuracy per task and training time. Finished runs are kept and skipped.
 # Usage: [EPOCHS=2] [OUT=runs/methods-multimnist] bash benchmarks/methods_multimnist.sh [method ...]
+#        DRY_RUN=1 bash benchmarks/methods_multimnist.sh [method ...]   checks every run's config, trains nothing
 set -euo pipefail
 epochs=${EPOCHS:-2}
 out=${OUT:-runs/methods-multimnist}
 methods=("$@")
 [ ${#methods[@]} -gt 0 ] || mapfile -t methods < <(python -c "from mtlvision.balancing import METHODS; print('\n'.join(METHODS.names()))")
+[ ${#methods[@]} -gt 0 ] || { echo "methods_multimnist.sh: no balancing methods found (is mtlvision importable?)" >&2; exit 2; }
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  for m in "${methods[@]}"; do
+    printf '%q ' python -m mtlvision train configs/multimnist.yaml --quiet --out "$out/$m" \
+      --set train.epochs="$epochs" --set balancing.method="$m"
+    echo
+  done | python benchmarks/_smoke.py
+  exit
+fi
 for m in "${methods[@]}"; do
   [ -f "$out/$m/summary.json" ] && continue
   resume=(); [ -f "$out/$m/checkpoint.pt" ] && resume=(--resume "$out/$m")

@@ -9,6 +9,7 @@
 #          CPU: ResNet-18 width 0.25, fp32, one run at a time (2 cores: 7 min per mtlvision run, 13 per reference run)
 # VARIANTS="reference all_four" picks reference variants (default: all six; none: only mtlvision's runs);
 # REF_ARGS / MTL_ARGS add arguments to every reference run / to both mtlvision runs (e.g. --seed 1 / --set seed=1).
+# DRY_RUN=1 checks every command's arguments and configs (prints JSON) and runs nothing.
 set -uo pipefail
 epochs=${1:-30}
 data=${MTLVISION_DATA:-../shared/data}/cifar10
@@ -23,7 +24,8 @@ if [[ ${CPU:-0} == 1 ]]; then
   mtl_args+=(--set model.backbone.width=0.25 --set train.device=cpu --set train.precision=fp32)
 fi
 start() {  # on a GPU every run starts at once; on the CPU each waits for the one before
-  if [[ ${CPU:-0} == 1 ]]; then "$@"; else "$@" & fi
+  if [[ ${DRY_RUN:-0} == 1 ]]; then { printf '%q ' "$@"; echo; } >> "$tmp/commands"
+  elif [[ ${CPU:-0} == 1 ]]; then "$@"; else "$@" & fi
 }
 ran=()
 for name in $variants; do
@@ -51,6 +53,10 @@ start python -m mtlvision train configs/cifar10_gpu.yaml --quiet --out "$tmp/mtl
 start python -m mtlvision train configs/cifar10_gpu.yaml --quiet --out "$tmp/mtlvision_pt_init" "${mtl_args[@]}" \
   --set model.backbone.init=pytorch --set model.backbone.zero_init_residual=false ${MTL_ARGS:-} \
   > "$tmp/mtlvision_pt_init.log" 2>&1
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  python benchmarks/_smoke.py < "$tmp/commands"
+  exit
+fi
 wait
 for name in "${ran[@]}"; do
   python -c "import json,sys; r=json.load(open(sys.argv[1])); print(f'{sys.argv[2]:<18} {100*r[\"test_accuracy\"]:.2f}%')" \

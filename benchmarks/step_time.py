@@ -9,10 +9,12 @@ Measured: ms per training step of
   plain      a ~15-line PyTorch loop on the SAME network (mtlvision.models.build_model, same config and
              seed, so same initial weights): pre-made normalised channels_last float batches, summed
              cross-entropy, SGD step. No augmentation, no scheduler, no metrics.
-Both run in one process, alternating in rounds (A B, B A, ...), after warm-up; each round times --steps
-steps of each. Read the RATIO mtlvision/plain (median of the per-round ratios). Goal: <= 1.05, i.e.
-everything mtlvision adds on top of the bare forward/backward/step costs at most 5%. The absolute ms/step
-are context only: they depend on the machine and the load on it.
+Both run in one process, interleaved (`_timing.py`): each cycle runs one unit of each, the order
+alternating; a unit is one epoch of --steps steps on the epoch path and one step on the step path
+(rounds x steps cycles). Read the RATIO mtlvision/plain: the median of the per-cycle ratios with its 95%
+interval. Goal: <= 1.05, i.e. everything mtlvision adds on top of the bare forward/backward/step costs
+at most 5%; the verdict is "inconclusive" while the interval straddles it. The absolute ms/step are
+context only: they depend on the machine and the load on it.
 
 Example:  python benchmarks/step_time.py               (defaults: width 0.5, batch 128, 7 rounds x 20 steps)
           python benchmarks/step_time.py --arch hps --mtl-path step --json
@@ -29,7 +31,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from _common import default_threads, environment, interleave, ratio_stats, report  # also registers bench-random
+from _common import environment, report  # also registers bench-random
+from _timing import add_timing_args, check_timing_args, fmt_ratio, interleave, ratio_fields, ratio_stats
 
 from mtlvision.config import Config, load_config
 from mtlvision.models import build_model
@@ -88,10 +91,6 @@ def mtl_runner(tr: Trainer, path: str) -> Callable[[int], None]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20, help="steps per variant per round (default 20)")
-    ap.add_argument("--warmup", type=int, default=5,
-                    help="warm-up steps per variant (epoch path: rounded up to whole epochs; default 5)")
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per variant (default 7)")
     ap.add_argument("--width", type=float, default=0.5, help="ResNet-18 width multiplier (default 0.5)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--arch", choices=["task-features", "hps"], default="task-features")
@@ -99,15 +98,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="classes per task, comma-separated (default 10,10,2)")
     ap.add_argument("--mtl-path", choices=["epoch", "step"], default="epoch",
                     help="epoch: time Trainer._train_epoch (default); step: Trainer.train_step alone")
-    ap.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_timing_args(ap, steps=20, warmup=5, rounds=7)
     args = ap.parse_args(argv)
-    if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
-        ap.error("--steps, --rounds and --batch-size must be >= 1, --warmup >= 0")
+    check_timing_args(ap, args, steps=2, width=0.0625, batch_size=8)
+    if args.device != "cpu":
+        ap.error("--device: this benchmark runs on the CPU only")
+    if args.batch_size < 1 or args.width <= 0:
+        ap.error("--batch-size must be >= 1, --width > 0")
 
-    warmup = max(1, args.warmup)
-    if args.mtl_path == "epoch":
-        warmup = math.ceil(warmup / args.steps) * args.steps
+    # warm-up and timed cycles: whole epochs on the epoch path, single steps on the step path
+    epoch_path = args.mtl_path == "epoch"
+    warmup_cycles = math.ceil(max(1, args.warmup) / args.steps) if epoch_path else max(1, args.warmup)
+    warmup = warmup_cycles * args.steps if epoch_path else warmup_cycles
+    cycles = args.rounds if epoch_path else args.rounds * args.steps
+    unit = args.steps if epoch_path else 1
     with tempfile.TemporaryDirectory(prefix="mtlvision-bench-") as tmp:
         cfg = make_config(args, math.ceil(warmup / args.steps) + args.rounds + 1)  # OneCycle total >= steps run
         tr = Trainer(cfg, f"{tmp}/run", quiet=True)  # also sets torch's threads to --threads
@@ -121,38 +125,39 @@ def main(argv: Optional[list[str]] = None) -> int:
                     {n: v[i * b:(i + 1) * b].clone() for n, v in labs.items()}) for i in range(min(args.steps, 8))]
 
         mtl = mtl_runner(tr, args.mtl_path)
-        mtl(warmup)
-        plain_loop(model, opt, batches, warmup)
-        times = interleave({"mtlvision": lambda: mtl(args.steps),
-                            "plain": lambda: plain_loop(model, opt, batches, args.steps)}, args.rounds)
+        times = interleave({"mtlvision": lambda: mtl(unit), "plain": lambda: plain_loop(model, opt, batches, unit)},
+                           cycles, warmup_cycles, clock=args.clock)
 
-    ms = {k: [1000 * t / args.steps for t in v] for k, v in times.items()}
+    ms = {k: [1000 * t / unit for t in v] for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in ms.items()}
     ratio = ratio_stats(ms["mtlvision"], ms["plain"])
+    fields = ratio_fields(ratio, GOAL)
     n_params = sum(p.numel() for p in model.parameters())
     code = "Trainer._train_epoch" if args.mtl_path == "epoch" else "Trainer.train_step"
     result = {
         "benchmark": "step_time", "goal": {"ratio_mtlvision_over_plain_max": GOAL},
-        "pass": ratio["median"] <= GOAL,
+        "verdict": fields["verdict"], "pass": {"pass": True, "fail": False}.get(fields["verdict"]),
         "settings": {"arch": args.arch, "backbone": "resnet18", "width": args.width, "stem": "cifar",
                      "classes": args.classes, "batch_size": args.batch_size, "image": [32, 32, 3],
-                     "steps": args.steps, "rounds": args.rounds, "warmup_steps": warmup,
+                     "steps": args.steps, "rounds": args.rounds, "cycles": cycles, "steps_per_cycle": unit,
+                     "warmup_steps": warmup, "clock": args.clock,
                      "mtl_path": args.mtl_path, "mtl_code": code, "precision": "fp32", "channels_last": True,
                      "parameters": n_params},
-        "ms_per_step": med, "rounds_ms_per_step": ms, "ratio_mtlvision_over_plain": ratio, "env": environment(),
+        "ms_per_step": med, "cycles_ms_per_step": ms, "ratio_mtlvision_over_plain": ratio, **fields,
+        "env": environment(),
     }
     spread = {k: f"{min(v):.1f}-{max(v):.1f}" for k, v in ms.items()}
     rows = [
         ("model", f"resnet18 w{args.width:g} cifar stem, {args.arch}, tasks {args.classes}, "
                   f"{n_params / 1e6:.2f}M params"),
         ("batch / threads", f"{args.batch_size} x 32x32x3 fp32 channels_last / {torch.get_num_threads()} threads"),
-        ("rounds x steps", f"{args.rounds} x {args.steps} per variant, interleaved (warm-up {warmup} steps); "
-                           f"mtlvision code: {code}"),
-        ("mtlvision", f"{med['mtlvision']:.1f} ms/step  (median; rounds {spread['mtlvision']})"),
-        ("plain PyTorch", f"{med['plain']:.1f} ms/step  (median; rounds {spread['plain']})"),
-        ("ratio mtl/plain", f"{ratio['median']:.3f}  (median of per-round ratios; range "
-                            f"{ratio['min']:.3f}-{ratio['max']:.3f}; ratio of medians {ratio['of_medians']:.3f})"),
-        (f"goal <= {GOAL}", "PASS" if result["pass"] else "FAIL"),
+        ("cycles", f"{cycles} x {unit} step(s) per variant, interleaved (warm-up {warmup} steps, "
+                   f"{args.clock} clock); mtlvision code: {code}"),
+        ("mtlvision", f"{med['mtlvision']:.1f} ms/step  (median; cycles {spread['mtlvision']})"),
+        ("plain PyTorch", f"{med['plain']:.1f} ms/step  (median; cycles {spread['plain']})"),
+        ("ratio mtl/plain", f"{fmt_ratio(ratio)}  (median of per-cycle ratios [95% interval]; IQR {ratio['iqr'][0]:.3f}"
+                            f"-{ratio['iqr'][1]:.3f}; ratio of medians {ratio['of_medians']:.3f})"),
+        (f"goal <= {GOAL}", fields["verdict"].upper()),
     ]
     report("step_time: mtlvision training step vs plain PyTorch loop (CPU)", rows, result, args.json)
     return 0

@@ -1,4 +1,5 @@
-"""`mtlvision bench`: grid planning, skipping finished runs, aggregation (mean ± std, Δm), errors."""
+"""`mtlvision bench`: grid planning, skipping finished runs, aggregation (mean ± std, Δm and its spread
+including the single-task seeds, confidence interval), errors; the Δm statistics on known inputs."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ from mtlvision import bench
 from mtlvision.cli import main
 from mtlvision.config import load_config
 from mtlvision.errors import ConfigError, MTLVisionError
+from mtlvision.evaluation.delta_m import delta_m_from_summary, delta_m_stats, t_quantile
 
 
 def _suite(tmp_path, **over):
@@ -68,11 +70,17 @@ def test_finished_runs_are_skipped_and_results_aggregate_over_seeds(tmp_path, mo
     assert float(cag["shape_mean"]) == pytest.approx(100 * np.mean([p[0] for p in per_seed]))
     assert float(cag["shape_std"]) == pytest.approx(100 * np.std([p[0] for p in per_seed], ddof=1))
     assert float(cag["delta_m_mean"]) == pytest.approx(np.mean(dm))
-    assert float(cag["delta_m_std"]) == pytest.approx(np.std(dm, ddof=1))
+    assert float(cag["delta_m_std_mtl"]) == pytest.approx(np.std(dm, ddof=1))  # the multi-task seeds alone
+    # the spread adds each baseline's seed variance, propagated: c_t = 100 m_t / (T s_t^2)
+    m = {t: np.mean([accs[("mtl", "cagrad(c=0.2)", s)][t] for s in (0, 1)]) for t in ("shape", "position")}
+    sd_stl = {t: np.std([accs[("stl", t, s)][t] for s in (0, 1)], ddof=1) for t in ("shape", "position")}
+    extra = sum((100 * m[t] / (2 * stl[t] ** 2) * sd_stl[t]) ** 2 for t in m)
+    assert float(cag["delta_m_std"]) == pytest.approx(np.sqrt(np.std(dm, ddof=1) ** 2 + extra))
+    assert cag["delta_m_ci_low"] == "" and cag["delta_m_ci_high"] == ""  # 2 seeds: no interval
     assert float(cag["images_per_s"]) == 100.5 and float(cag["peak_memory_mb"]) == 501.0
     assert float(rows[0]["position_mean"]) == pytest.approx(100 * stl["position"])
     md = (out / "results.md").read_text()
-    assert "| hps | cagrad(c=0.2) |" in md and f"{np.mean(dm):+.2f} ± {np.std(dm, ddof=1):.2f}" in md
+    assert "| hps | cagrad(c=0.2) |" in md and f"{np.mean(dm):+.2f} ± {float(cag['delta_m_std']):.2f} | - |" in md
     assert float(rows[0]["parameters"]) == 2 * 1234  # the two single-task networks together
 
 
@@ -139,3 +147,66 @@ def test_shipped_suites_are_valid():
         suite, base = bench.load_suite(path)
         for method in suite.methods:
             load_config(base, [*suite.set, f"balancing={bench._yaml_flow(bench._label(method, 'method')[1])}"])
+
+
+# -- Δm statistics on known inputs ---------------------------------------------------------------
+
+def test_student_t_quantiles_match_tables():
+    for df, q in [(1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (4, 2.7764451), (10, 2.2281389),
+                  (30, 2.0422725), (1e6, 1.9599655)]:
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-6)
+    assert t_quantile(0.025, 5) == pytest.approx(-t_quantile(0.975, 5))
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+
+
+def test_delta_m_spread_with_exact_baselines_is_the_multi_task_spread():
+    """Single-task runs that agree to the last digit add no variance: the spread is the old one, the
+    interval the plain one-sample t interval of the per-seed Δm."""
+    mtl = [{"a": 0.82, "b": 0.60}, {"a": 0.80, "b": 0.62}, {"a": 0.84, "b": 0.61}]
+    st = delta_m_stats(mtl, {"a": [0.80] * 3, "b": [0.60] * 3})
+    per_seed = [100 * ((r["a"] - 0.8) / 0.8 + (r["b"] - 0.6) / 0.6) / 2 for r in mtl]
+    sd = np.std(per_seed, ddof=1)
+    assert st.mean == pytest.approx(np.mean(per_seed)) and st.sd == pytest.approx(sd) == st.sd_mtl
+    assert st.se == pytest.approx(sd / np.sqrt(3)) and st.df == pytest.approx(2)
+    half = 4.3026527 * sd / np.sqrt(3)
+    assert st.ci == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed) + half), abs=1e-6)
+
+
+def test_delta_m_spread_propagates_baseline_variance():
+    """Hand-computed: one task, MTL 80% ± 0 (identical seeds), STL 78/80/82 (mean 80, sd 2): Δm = 0,
+    c = 100 · 80 / 80² = 1.25 per point, sd = 1.25 · 2 = 2.5, se = 2.5/√3, ν = 2 (the STL side)."""
+    st = delta_m_stats([{"a": 80.0}] * 3, {"a": [78.0, 80.0, 82.0]})
+    assert st.mean == pytest.approx(0.0) and st.sd_mtl == pytest.approx(0.0)
+    assert st.sd == pytest.approx(2.5) and st.se == pytest.approx(2.5 / np.sqrt(3)) and st.df == pytest.approx(2.0)
+    assert st.ci == pytest.approx((-4.3026527 * 2.5 / np.sqrt(3), 4.3026527 * 2.5 / np.sqrt(3)), abs=1e-6)
+
+
+def test_delta_m_welch_degrees_of_freedom_and_the_summary_form():
+    """One task, 3 MTL seeds with per-seed Δm sd 1 (variance part 1/3, 2 degrees of freedom) and 5 STL seeds
+    with sd 2·sqrt(5/3) at s = m = 50 (c = 100 · 50 / 50² = 2: part (2 · 2·sqrt(5/3))² / 5 = 16/3, 4 degrees
+    of freedom): ν = (1/3 + 16/3)² / ((1/3)²/2 + (16/3)²/4). The summary form (means and stds only) gives
+    the same numbers as the per-run form."""
+    summary = delta_m_from_summary({"a": 50.0}, 1.0, 3, {"a": 50.0}, {"a": 2.0 * np.sqrt(5 / 3)}, {"a": 5})
+    v_mtl, v_stl = 1.0 / 3, 16.0 / 3
+    assert summary.se == pytest.approx(np.sqrt(v_mtl + v_stl))
+    assert summary.df == pytest.approx((v_mtl + v_stl) ** 2 / (v_mtl ** 2 / 2 + v_stl ** 2 / 4))
+    rng = np.random.default_rng(3)
+    mtl = [{"x": float(a), "y": float(b)} for a, b in rng.uniform(60, 90, (4, 2))]
+    stl = {"x": list(rng.uniform(60, 90, 3)), "y": list(rng.uniform(60, 90, 5))}
+    full = delta_m_stats(mtl, stl)
+    again = delta_m_from_summary({t: np.mean([r[t] for r in mtl]) for t in "xy"}, full.sd_mtl, 4,
+                                 {t: np.mean(v) for t, v in stl.items()},
+                                 {t: np.std(v, ddof=1) for t, v in stl.items()}, {"x": 3, "y": 5})
+    assert (again.mean, again.sd, again.se, again.df) == pytest.approx((full.mean, full.sd, full.se, full.df))
+    assert again.ci == pytest.approx(full.ci)
+
+
+def test_delta_m_spread_needs_two_seeds_and_the_interval_three():
+    one = delta_m_stats([{"a": 0.9}], {"a": [0.8, 0.82, 0.81]})
+    assert one.mean == pytest.approx(100 * (0.9 - 0.81) / 0.81) and one.sd is None and one.ci is None
+    two = delta_m_stats([{"a": 0.9}, {"a": 0.91}], {"a": [0.8, 0.82]})
+    assert two.sd is not None and two.ci is None
+    with pytest.raises(MTLVisionError, match="no single-task run"):
+        delta_m_stats([{"a": 0.9}], {"a": []})

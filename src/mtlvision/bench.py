@@ -13,7 +13,9 @@ A suite YAML names a base run config, the budget overrides every run shares, and
 Every run is its own `mtlvision train` process (so a crash or a leak stays in one run, and the peak
 memory it reports is its own) in OUT/<architecture>/<method>/seed<k> or OUT/stl/<task>/seed<k>;
 finished runs are skipped and interrupted ones resumed, so re-running the command completes a suite.
-Δm of a run is taken against the single-task accuracies averaged over seeds.
+Δm of a row is taken between the seed means of its runs and of the single-task runs; its spread
+includes both sides' seed variance (propagated, see `evaluation/delta_m.py`), with a Student-t 95%
+confidence interval of the mean where every side has >= 3 seeds.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import yaml
 
 from .config import load_config
 from .errors import ConfigError, MTLVisionError
-from .evaluation.delta_m import delta_m
+from .evaluation.delta_m import delta_m_stats
 from .schema import parse
 from .storage import write_json, write_text
 from .rundir import config_differences
@@ -182,7 +184,6 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     stl_runs = [r for r in runs if r.kind == "stl" and id(r) in summaries]
     for r in stl_runs:
         stl.setdefault(r.method, []).append(summaries[id(r)]["tasks"][r.method]["test"]["accuracy"])
-    stl_mean = {t: float(np.mean(v)) for t, v in stl.items()}
     rows = []
     if stl_runs:
         row = _row("single-task", "equal", [summaries[id(r)] for r in stl_runs])
@@ -202,9 +203,10 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
         row = _row(arch, method, done)
         names = list(done[0]["tasks"])
         row["tasks"] = {t: _mean_std([100 * s["tasks"][t]["test"]["accuracy"] for s in done]) for t in names}
-        if set(names) <= set(stl_mean):
-            row["delta_m"] = _mean_std([delta_m({t: s["tasks"][t]["test"]["accuracy"] for t in names}, stl_mean)
-                                        for s in done])
+        if set(names) <= set(stl):
+            st = delta_m_stats([{t: s["tasks"][t]["test"]["accuracy"] for t in names} for s in done],
+                               {t: stl[t] for t in names})
+            row.update(delta_m=(st.mean, st.sd), delta_m_ci=st.ci, delta_m_sd_mtl=st.sd_mtl, delta_m_df=st.df)
         rows.append(row)
     return rows
 
@@ -212,7 +214,8 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
 def _row(arch: str, method: str, done: list[dict[str, Any]]) -> dict[str, Any]:
     rate = [s["train_images_per_s"] for s in done if s.get("train_images_per_s")]
     mem = [s["peak_memory_mb"] for s in done if s.get("peak_memory_mb")]
-    return {"architecture": arch, "method": method, "seeds": len(done), "delta_m": None,
+    return {"architecture": arch, "method": method, "seeds": len(done), "delta_m": None, "delta_m_ci": None,
+            "delta_m_sd_mtl": None, "delta_m_df": None,
             "images_per_s": float(np.mean(rate)) if rate else None,
             "s_per_epoch": float(np.mean([s["wall_time_s"] / s["epochs"] for s in done])),
             "peak_memory_mb": max(mem) if mem else None, "parameters": done[0].get("parameters")}
@@ -229,25 +232,32 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(value: Optional[tuple[float, float]]) -> str:
+    return "-" if value is None else f"[{value[0]:+.2f}, {value[1]:+.2f}]"
+
+
 def write_results(rows: list[dict[str, Any]], out: Path, header: str) -> None:
     """results.md (mean ± std over seeds) and results.csv (one column per number)."""
     tasks = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
-    cols = ["architecture", "method", *[f"{t} (%)" for t in tasks], "Δm (%)", "img/s", "s/epoch", "peak MB",
-            "parameters", "seeds"]
+    cols = ["architecture", "method", *[f"{t} (%)" for t in tasks], "Δm (%)", "Δm 95% CI", "img/s", "s/epoch",
+            "peak MB", "parameters", "seeds"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["architecture"], r["method"], *[_pm(r["tasks"].get(t)) for t in tasks],
-                 _pm(r["delta_m"], signed=True), _fmt(r["images_per_s"]), _fmt(r["s_per_epoch"]),
-                 _fmt(r["peak_memory_mb"], 0), f"{r['parameters']:,}" if r["parameters"] else "-", str(r["seeds"])]
+                 _pm(r["delta_m"], signed=True), _ci(r.get("delta_m_ci")), _fmt(r["images_per_s"]),
+                 _fmt(r["s_per_epoch"]), _fmt(r["peak_memory_mb"], 0),
+                 f"{r['parameters']:,}" if r["parameters"] else "-", str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["architecture", "method", "seeds", *[f"{t}_{s}" for t in tasks for s in ("mean", "std")],
-                "delta_m_mean", "delta_m_std", "images_per_s", "s_per_epoch", "peak_memory_mb", "parameters"])
+                "delta_m_mean", "delta_m_std", "delta_m_ci_low", "delta_m_ci_high", "delta_m_std_mtl", "delta_m_df",
+                "images_per_s", "s_per_epoch", "peak_memory_mb", "parameters"])
     for r in rows:
         acc = ["" if v is None else v for t in tasks for v in (r["tasks"].get(t) or ("", ""))]
-        dm = ["" if v is None else v for v in r["delta_m"] or ("", "")]
+        dm = ["" if v is None else v for v in [*(r["delta_m"] or ("", "")), *(r.get("delta_m_ci") or ("", "")),
+                                               r.get("delta_m_sd_mtl"), r.get("delta_m_df")]]
         w.writerow([r["architecture"], r["method"], r["seeds"], *acc, *dm, r["images_per_s"], r["s_per_epoch"],
                     r["peak_memory_mb"], r["parameters"]])
     write_text(out / "results.csv", buf.getvalue())
@@ -269,7 +279,9 @@ def run_suite(path: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
     rows = aggregate(runs)
     cmd = " ".join(["mtlvision bench", str(path), *[f"--set {s}" for s in extra or []]])
     header = (f"# {suite.name}: test accuracy, mean ± sample std (n − 1) over seeds {suite.seeds}\n\n"
-              f"Reproduce: `{cmd}`. Δm against the single-task accuracies averaged over seeds. "
+              f"Reproduce: `{cmd}`. Δm between the seed means of a row and of the single-task runs, ± its "
+              "spread for one run on each side, both sides' seed variance propagated; 95% CI: Student t of the "
+              "mean (Welch–Satterthwaite), where every side has ≥ 3 seeds (mtlvision/evaluation/delta_m.py). "
               "Single-task parameters: the networks of all tasks together.")
     write_results(rows, out_dir, header)
     return out_dir

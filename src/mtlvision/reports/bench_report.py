@@ -1,5 +1,6 @@
-"""Report of a bench directory (`mtlvision bench`): the results table, Δm and per-task accuracy bar
-charts (mean ± std over seeds), and links to every run directory of the suite."""
+"""Report of a bench directory (`mtlvision bench`): the results table, Δm (± its spread including the
+single-task seeds, and its 95% confidence interval) and per-task accuracy bar charts (mean ± std over
+seeds), and links to every run directory of the suite."""
 from __future__ import annotations
 
 import csv
@@ -39,6 +40,7 @@ def read_results(bench_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
         rows.append({"architecture": raw["architecture"], "method": raw["method"], "seeds": raw["seeds"],
                      "tasks": {t: (num(f"{t}_mean"), num(f"{t}_std")) for t in tasks},
                      "delta_m": (num("delta_m_mean"), num("delta_m_std")),
+                     "delta_m_ci": (num("delta_m_ci_low"), num("delta_m_ci_high")),
                      **{k: num(k) for k in ("images_per_s", "s_per_epoch", "peak_memory_mb", "parameters")}})
     return tasks, rows
 
@@ -63,6 +65,10 @@ def _pm(value: tuple[Optional[float], Optional[float]], signed: bool = False) ->
     return text if std is None else f"{text} ± {std:.2f}"
 
 
+def _ci(value: tuple[Optional[float], Optional[float]]) -> str:
+    return "-" if value[0] is None or value[1] is None else f"[{value[0]:+.2f}, {value[1]:+.2f}]"
+
+
 def _num(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -81,22 +87,25 @@ def build_bench_report(bench_dir: Path, out: Path) -> Report:
         text = path.relative_to(bench_dir / "stl").as_posix() if path.parent.parent.name == "stl" else path.name
         return Link(text, Path(os.path.relpath(path, out)).as_posix() + "/")
 
-    header = ["architecture", "method", *[f"{t} (%)" for t in tasks], "Δm (%)", "img/s", "s/epoch", "peak MB",
-              "parameters", "seeds", "runs"]
+    header = ["architecture", "method", *[f"{t} (%)" for t in tasks], "Δm (%)", "Δm 95% CI", "img/s", "s/epoch",
+              "peak MB", "parameters", "seeds", "runs"]
     table_rows = [[r["architecture"], r["method"], *[_pm(r["tasks"][t]) for t in tasks], _pm(r["delta_m"], True),
+                   _ci(r["delta_m_ci"]),
                    _num(r["images_per_s"]), _num(r["s_per_epoch"]), _num(r["peak_memory_mb"], 0),
                    _num(r["parameters"], 0), r["seeds"], [link(p) for p in _run_dirs(bench_dir, r)] or "-"]
                   for r in rows]
     sections = [Section("Results", [
-        Text("Test accuracy at the best validation epoch, mean ± sample std (n − 1) over seeds; Δm against the "
-             "single-task accuracies averaged over seeds (positive: the multi-task model is better); single-task "
-             "parameters: the networks of all tasks together."),
+        Text("Test accuracy at the best validation epoch, mean ± sample std (n − 1) over seeds; Δm between the "
+             "seed means of a row and of the single-task runs (positive: the multi-task model is better), ± its "
+             "spread for one run on each side with both sides' seed variance propagated, and a Student-t 95% "
+             "confidence interval of the mean where every side has ≥ 3 seeds; single-task parameters: the "
+             "networks of all tasks together."),
         Table(header, table_rows, f"From {bench_dir / 'results.csv'}.")])]
     dm = [r for r in rows if r["architecture"] != STL and r["delta_m"][0] is not None]
     if dm:
         sections.append(Section("Δm", [Figure("delta_m", plots.delta_m_bars(
             [_label(r) for r in dm], [r["delta_m"][0] for r in dm], [r["delta_m"][1] or 0.0 for r in dm]),
-            "Δm (%) by architecture / method, error bars: ± std over seeds")]))
+            "Δm (%) by architecture / method, error bars: ± spread over seeds (multi- and single-task)")]))
     else:
         sections.append(Section("Δm", [Text("No row has Δm (the suite has no finished single-task baselines).",
                                             note=True)]))
