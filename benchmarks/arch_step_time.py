@@ -25,7 +25,7 @@ from _timing import add_timing_args, check_timing_args, interleave, ratio_fields
 from mtlvision.config import load_config
 from mtlvision.models import ARCHITECTURES
 from mtlvision.models.profile import profile_architectures
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import Trainer, build_trainer
 
 
 def make_trainer(arch: str, args: argparse.Namespace, out: str) -> Trainer:
@@ -41,7 +41,7 @@ def make_trainer(arch: str, args: argparse.Namespace, out: str) -> Trainer:
         "train": {"epochs": 1000, "lr": 0.01, "schedule": "constant", "device": args.device,
                   "threads": args.threads, "log_every": 10**6},
     })
-    return Trainer(cfg, out, quiet=True)
+    return build_trainer(cfg, out, quiet=True)
 
 
 def main(argv: list[str] | None = None) -> int:

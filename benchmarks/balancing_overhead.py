@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import tempfile
@@ -34,9 +35,9 @@ from _common import environment  # also registers bench-random
 from _timing import add_timing_args, check_timing_args, interleave, ratio_fields, ratio_stats, within
 
 from mtlvision.balancing import METHODS, build_balancer
-from mtlvision.balancing.gradient import GradientBalancer
+from mtlvision.balancing.gradient import GradientMethod
 from mtlvision.config import load_config
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import Trainer, build_trainer
 
 GOALS = {"loss": 1.05, "feature": 1.3, "feature-multi": 1.2}
 SMOKE = {"tasks": [3], "methods": ["equal", "fixed", "uw", "pcgrad", "db_mtl"], "width": 0.0625, "batch_size": 12}
@@ -60,7 +61,7 @@ def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str, me
                   "threads": args.threads, "log_every": 10**6},
         "balancing": spec_for(method, args.space),
     })
-    return Trainer(cfg, out, quiet=True)
+    return build_trainer(cfg, out, quiet=True)
 
 
 def spec_for(method: str, space: str) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def spec_for(method: str, space: str) -> dict[str, Any]:
 
 
 def kind(balancer: Any) -> str:
-    return f"gradient/{balancer.space}" if isinstance(balancer, GradientBalancer) else "loss"
+    return f"gradient/{balancer.space}" if isinstance(balancer, GradientMethod) else "loss"
 
 
 def j_mib(tr: Trainer, tasks: int, k: str) -> float:
@@ -94,8 +95,8 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
 
         def runner(balancer):
             def run() -> None:  # one training step with this method
-                tr.balancer = balancer
-                tr.model.split_shared = balancer.needs_shared_features  # as the trainer sets it
+                tr.balancer = balancer  # and the training forward the assembly would give it:
+                tr.parts.forward = functools.partial(tr.model, split=balancer.needs_shared_features)
                 tr.train_step(0, pos["step"] % tr.steps)
                 pos["step"] += 1
             return run

@@ -44,7 +44,7 @@ from mtlvision.config import load_config, set_path
 from mtlvision.data.build import _load
 from mtlvision.data.cache import cache_key
 from mtlvision.data.sources import SOURCES
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import Trainer, build_trainer
 
 GOAL = 0.95
 DEFAULT_DATA = "../shared/data/cifar10"
@@ -111,24 +111,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"{args.config}: multi-input configs (data.sources) are not supported here")
 
         # -- decoded cache: build (fresh) and reload, through build.py's own _load ------------------
-        spec = dict(cfg.data.source)
-        name = spec.pop("name")
-        source = SOURCES.build(name, SOURCES.parse_params(name, spec, "data.source"), image_size=cfg.data.image_size)
+        name = cfg.data.source.name
+        source = SOURCES.build(cfg.data.source, image_size=cfg.data.image_size)
         entry = cache_root / f"{name}-{cache_key(name, source, cfg.data.image_size, cfg.data.channels)}"
         existed = (entry / "meta.json").is_file()
         t0 = time.perf_counter()
-        loaded, _ = _load(cfg.data.source, "data.source", cfg)
+        loaded, _ = _load(cfg.data.source, cfg)
         build_s = None if existed else time.perf_counter() - t0
         n_images = sum(len(s) for s in (loaded.train, loaded.val, loaded.test) if s is not None)
         del loaded
         t0 = time.perf_counter()
-        loaded, _ = _load(cfg.data.source, "data.source", cfg)
+        loaded, _ = _load(cfg.data.source, cfg)
         arrays = [np.array(s.images) for s in (loaded.train, loaded.val, loaded.test) if s is not None]
         reload_s = time.perf_counter() - t0
         del loaded, arrays
 
         t0 = time.perf_counter()
-        tr = Trainer(cfg, out_dir, quiet=True)
+        tr = build_trainer(cfg, out_dir, quiet=True)
         init_s = time.perf_counter() - t0
 
         # -- the three variants: the Trainer's own next_batch / step_on / train_step ---------------------
@@ -190,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "pipeline_ms_per_step": pipe_ms, "ratio_pipeline_over_in_memory": ratio, **fields, "env": environment(),
     }
     rows = [
-        ("model", f"resnet18 w{args.width:g}, {cfg.model.architecture.get('name')}, tasks {tasks}, "
+        ("model", f"resnet18 w{args.width:g}, {cfg.model.architecture.name}, tasks {tasks}, "
                   f"{n_params / 1e6:.2f}M params"),
         ("batch / threads", f"{batch_images} x {tuple(tr.data.image_shape)} uint8 -> fp32 channels_last / "
                             f"{torch.get_num_threads()} threads"),

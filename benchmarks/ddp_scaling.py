@@ -35,7 +35,7 @@ from _common import default_threads, environment, report  # also registers bench
 from _timing import fmt_ratio, ratio_stats
 
 from mtlvision.config import load_config
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import Trainer, build_trainer
 
 
 def _worker(rank: int, world: int, threads: int, args: argparse.Namespace, tmp: str) -> None:
@@ -54,7 +54,7 @@ def _worker(rank: int, world: int, threads: int, args: argparse.Namespace, tmp: 
             "train": {"epochs": 1000, "lr": 0.01, "schedule": "constant", "device": "cpu", "precision": "fp32",
                       "threads": threads, "log_every": 10**6},
         })
-        tr = Trainer(cfg, f"{tmp}/run", quiet=True)
+        tr = build_trainer(cfg, f"{tmp}/run", quiet=True)
         assert tr.steps == steps, (tr.steps, steps)
         tr.model.train()
         for step in range(args.warmup):

@@ -2,7 +2,7 @@
 
 Measured: ms per training step of
   mtlvision  the Trainer's own code on an in-memory random uint8 dataset (one epoch = --steps steps):
-             `--mtl-path epoch` (default) times whole `Trainer._train_epoch` calls: `Trainer.train_step`
+             `--mtl-path epoch` (default) times whole `Trainer.train_epoch` calls: `Trainer.train_step`
              (`next_batch`: loader index_select + pad/crop/flip + Normalize; `step_on`: forward -> Task.loss
              per task -> balancer.backward -> optimizer.step -> scheduler.step) plus the epoch loop's metric
              sums, NaN tracking and every-log_every logging; `--mtl-path step` times `Trainer.train_step` alone.
@@ -36,7 +36,7 @@ from _timing import add_timing_args, check_timing_args, fmt_ratio, interleave, r
 
 from mtlvision.config import Config, load_config
 from mtlvision.models import build_model
-from mtlvision.training.trainer import Trainer
+from mtlvision.training import Trainer, build_trainer
 
 GOAL = 1.05
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -80,7 +80,7 @@ def mtl_runner(tr: Trainer, path: str) -> Callable[[int], None]:
         nonlocal pos
         if path == "epoch":
             for _ in range(n // tr.steps):
-                tr._train_epoch(pos // tr.steps)
+                tr.train_epoch(pos // tr.steps)
                 pos += tr.steps
         else:
             for _ in range(n):
@@ -97,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--classes", type=lambda s: [int(v) for v in s.split(",")], default=[10, 10, 2],
                     help="classes per task, comma-separated (default 10,10,2)")
     ap.add_argument("--mtl-path", choices=["epoch", "step"], default="epoch",
-                    help="epoch: time Trainer._train_epoch (default); step: Trainer.train_step alone")
+                    help="epoch: time Trainer.train_epoch (default); step: Trainer.train_step alone")
     add_timing_args(ap, steps=20, warmup=5, rounds=7)
     args = ap.parse_args(argv)
     check_timing_args(ap, args, steps=2, width=0.0625, batch_size=8)
@@ -114,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     unit = args.steps if epoch_path else 1
     with tempfile.TemporaryDirectory(prefix="mtlvision-bench-") as tmp:
         cfg = make_config(args, math.ceil(warmup / args.steps) + args.rounds + 1)  # OneCycle total >= steps run
-        tr = Trainer(cfg, f"{tmp}/run", quiet=True)  # also sets torch's threads to --threads
+        tr = build_trainer(cfg, f"{tmp}/run", quiet=True)  # also sets torch's threads to --threads
         assert tr.steps == args.steps, (tr.steps, args.steps)
 
         torch.manual_seed(cfg.seed)  # same seed as the trainer -> same initial weights
@@ -133,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ratio = ratio_stats(ms["mtlvision"], ms["plain"])
     fields = ratio_fields(ratio, GOAL)
     n_params = sum(p.numel() for p in model.parameters())
-    code = "Trainer._train_epoch" if args.mtl_path == "epoch" else "Trainer.train_step"
+    code = "Trainer.train_epoch" if args.mtl_path == "epoch" else "Trainer.train_step"
     result = {
         "benchmark": "step_time", "goal": {"ratio_mtlvision_over_plain_max": GOAL},
         "verdict": fields["verdict"], "pass": {"pass": True, "fail": False}.get(fields["verdict"]),

@@ -53,8 +53,8 @@ from _common import environment
 from _timing import add_timing_args, check_timing_args, interleave, ratio_fields, ratio_stats
 from balancing_memory import peak_rss_mib
 
-from mtlvision.balancing import StepContext, build_balancer, gramian
-from mtlvision.balancing.gradient_methods import MGDA
+from mtlvision.balancing import StepContext, build_balancer
+from mtlvision.balancing.methods.mgda import MGDA, mgda
 from mtlvision.config import load_config
 from mtlvision.models import build_model
 from mtlvision.rng import keyed_generator
@@ -77,7 +77,7 @@ SMOKE = {"tasks": [3], "width": 0.0625, "batch_size": 8, "threads": 1}
 class MGDAFrankWolfe(MGDA):
     """mtlvision's MGDA with its Frank-Wolfe solver at TorchJD's settings (agreement check only)."""
 
-    solver = functools.partial(gramian.mgda, exact=False, tol=1e-5, max_iter=250)
+    solver = staticmethod(functools.partial(mgda, exact=False, tol=1e-5, max_iter=250))
 
 
 def torchjd_aggregator(method: str, exact: bool = False) -> Any:
@@ -102,7 +102,7 @@ class Variant:
             space = kind.split("-")[1]
             spec = {"method": method, "space": space, **({"seed": 0} if method == "pcgrad" else {})}
             self.balancer = build_balancer(spec, tasks)
-            self.model.split_shared = space == "feature"  # as the trainer sets it
+            self.split = space == "feature"  # the training forward the assembly gives feature-space methods
         elif kind == "jd-autojac":
             self.aggregator = torchjd_aggregator(method)
         elif kind == "jd-autogram":
@@ -110,7 +110,7 @@ class Variant:
             self.weighting = torchjd_aggregator(method).gramian_weighting
 
     def losses(self, x: torch.Tensor, ys: dict[str, torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
-        out = self.model(x)
+        out = self.model(x, split=getattr(self, "split", False))
         return out, [F.cross_entropy(out.logits[n], ys[n]) for n in self.names]
 
     def backward(self, out: Any, losses: list[torch.Tensor]) -> torch.Tensor | None:
@@ -185,7 +185,7 @@ def agreement(method: str, base: torch.nn.Module, tasks: list[Task], batch: tupl
            "heads": rel_err(flat_grads(mtl.heads), flat_grads(ref.heads))}
     res["pass"] = res["update"] <= TOL and res["heads"] <= TOL
     if method == "mgda":  # min-norm objective of mtlvision's default exact solver vs Frank-Wolfe's
-        exact = gramian.mgda(G)
+        exact = mgda(G)
         fw = w_ref.double()
         res["min_norm_exact"], res["min_norm_frank_wolfe"] = float(exact @ G @ exact), float(fw @ G @ fw)
     return res

@@ -133,4 +133,3 @@ class GramianWeighting(GradientMethod):
         return Combination(w @ grads.matrix, w, state=state)
 
 
-GradientBalancer = GradientMethod  # the name before the split into families (benchmarks use it)

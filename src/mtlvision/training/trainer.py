@@ -4,10 +4,9 @@ through `RunDir`, telemetry and measurements are callbacks (`callbacks.py`), che
 `checkpoint.py`'s."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -25,16 +24,12 @@ from .progress import ProgressReporter
 from .runtime import Runtime
 
 
-@dataclasses.dataclass
-class Batch:
+class Batch(NamedTuple):
     """One training step's input: images of every input group concatenated, labels, each task's rows."""
 
     x: torch.Tensor
     labels: dict[str, torch.Tensor]
     rows: dict[str, slice]
-
-    def __iter__(self) -> Any:  # x, labels, rows = batch
-        return iter((self.x, self.labels, self.rows))
 
 
 class Trainer:
