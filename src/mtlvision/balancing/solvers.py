@@ -16,7 +16,9 @@ Conventions shared by every Gramian solver (the functions in `methods/*.py`, bui
   falls back silently to a different method.
 
 Helpers: `nnls_gram` (Lawson–Hanson active-set NNLS in Gram form), `min_norm_weights` (the exact
-min-norm point of the convex hull, by NNLS), `solve_sym` (minimum-norm least squares).
+min-norm point of the convex hull, by NNLS), `dual_cone_weights` (projections onto the dual cone, by
+NNLS: UPGrad, DualProj), `alpha_fair_weights` (the α-fair allocation (Gw)_i = w_i^{-1/α} by damped
+Newton: FairGrad, Nash-MTL at α = 1), `solve_sym` (minimum-norm least squares).
 """
 from __future__ import annotations
 
@@ -80,6 +82,16 @@ def mean_diag(G: Tensor) -> float:
 def solve_sym(A: Tensor, b: Tensor) -> Tensor:
     """Minimum-norm least-squares solution of A x = b for a small symmetric A (SVD based)."""
     return torch.linalg.lstsq(A, b.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+
+
+def correlation(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For a prepared G: the tasks with a gradient (norm > 1e-12 × the largest; none if G = 0), their
+    norms n and their correlation matrix C = N⁻¹GN⁻¹ (symmetrised)."""
+    norms = G.diagonal().clamp(min=0.0).sqrt()
+    active = (norms > 1e-12 * float(norms.max())).nonzero().squeeze(-1)
+    n = norms[active]
+    C = G[active][:, active] / torch.outer(n, n)
+    return active, n, 0.5 * (C + C.T)
 
 
 def nnls_gram(Q: Tensor, c: Tensor, tol: float, max_iter: int, name: str) -> Tensor:
@@ -155,3 +167,135 @@ def min_norm_weights(Q: Tensor, name: str) -> Tensor:
     if not total > 0.0:
         raise GramianSolverError(f"{name}: min-norm solver returned a zero vector")
     return x / total
+
+
+def dual_cone_weights(G: Tensor, U: Tensor, name: str, *, ridge: float = 1e-12,
+                      tol: float = 1e-13) -> Tensor:
+    r"""Weights of the projections of Jᵀu onto the dual cone C = {x : Jx ≥ 0}, for each row u of U (K, T).
+
+    Quinton & Rey 2024, Proposition 1: π_C(Jᵀu) = Jᵀv with v = argmin_{v ≥ u} vᵀGv = u + λ,
+    λ = argmin_{λ ≥ 0} ½(u + λ)ᵀG(u + λ): NNLS in Gram form (Q = G, c = −Gu) by `nnls_gram`. Returns V
+    (K, T), float64 on the CPU; d = Jᵀv has d·g_j = (Gv)_j ≥ 0.
+
+    The cone does not change when a gradient is rescaled, so the QP is solved in correlation form
+    (variables Nv, N = diag ||g_i||) with a ridge ρ = max(`ridge`, 8·T·eps(G.dtype)) added to the
+    correlation matrix (`ridge=0`: the exact projection): the exact projection for the rows
+    [g_i, √ρ ||g_i|| e_i], bounded weights when G is (nearly) singular, at the cost of
+    d·g_j ≥ −ρ ||g_j||² v_j and an O(ρ) change of d. Zero-gradient tasks keep v_i = u_i.
+    """
+    if not (ridge >= 0.0):
+        raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
+    G0, G = G, prepare(G, name)
+    T = G.shape[0]
+    U = torch.as_tensor(U).detach().to(device=CPU, dtype=F64).reshape(-1, T)
+    V = U.clone()
+    if mean_diag(G) <= 0.0:
+        return V
+    rho = max(ridge, 8.0 * T * input_eps(G0)) if ridge > 0.0 else 0.0
+    active, n, C = correlation(G)
+    k = active.numel()
+    C = C + rho * torch.eye(k, dtype=F64)
+    cmax = float(C.diagonal().max())
+    for r in range(V.shape[0]):
+        u = U[r, active] * n                          # v̂ = N v ≥ N u
+        umax = float(u.abs().max())
+        if umax == 0.0:
+            continue
+        lam = nnls_gram(C, -(C @ u), tol=tol * cmax * umax, max_iter=50 * k + 50, name=name)
+        V[r, active] = (u + lam) / n
+    return V
+
+
+def alpha_fair_weights(G: Tensor, alpha: float, name: str, *, ridge: float = 1e-12, tol: float = 1e-10,
+                       max_iter: int = 500) -> Tensor:
+    r"""The α-fair allocation: w > 0 with (G w)_i = w_i^{-1/α} (α = 1: Nash bargaining, Gw = 1/w).
+
+    Exact, no scipy/cvxpy: w is the unique minimiser on w > 0 of the strictly convex
+    f(w) = ½ wᵀGw − Σ_i h(w_i), h = log (α = 1) or w^{1−1/α}/(1 − 1/α) (h' = w^{-1/α}). Solved after
+    factoring out the global scale m (geometric mean of the norms: G = m²G̃, w = m^{-2α/(α+1)} w̃) in
+    correlation form: β = Ñw̃, (Ĝβ)_i = c_i β_i^{-1/α}, c_i = ñ_i^{(1−α)/α} (c = 1 at α = 1, where the
+    problem is invariant to per-task scaling). Damped Newton (Hessian Ĝ + diag((c_i/α) β_i^{-1/α−1})) from
+    the best point of the ray of 1, a step cap keeping β > 0, Armijo backtracking; full steps once the
+    Newton decrement λ² < 1/16 at α = 1 (f is self-concordant there: provably feasible and decreasing)
+    or λ² < 1e-8 otherwise (the rounding-limited last steps; they must keep β > 0). Converged when
+    max_i |β_i^{1/α}(Ĝβ)_i / c_i − 1| ≤ `tol` plus its rounding error; else `GramianSolverError`.
+
+    A ridge ρ = max(`ridge`, 8·T·eps(G.dtype)) is added to Ĝ (`ridge=0`: none): a solution exists iff 0
+    is not in the convex hull of the gradients, and the ridge keeps it bounded near Pareto-stationary
+    points. It changes task i's equation by the relative amount ρ·||g_i||²w_i/(g_iᵀd): ρ when the
+    gradients are orthogonal, more when a task's own gradient is nearly cancelled by the others'
+    (small α with norms spread over orders of magnitude: up to ~1e-2 at α = 0.25, norms 1e-2..1e2).
+    Large α with dominated tasks needs weights like exp(−α·const) (1e-140 at α = 20, below the float64
+    range at α = 100): slow, then `GramianSolverError`. Zero-gradient tasks get weight 0, the others
+    are solved among themselves; G = 0 gives w = 0. Returns w (T,) with G's dtype and device.
+    """
+    if not (alpha > 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha}")
+    if not (ridge >= 0.0):
+        raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
+    G0, G = G, prepare(G, name)
+    out = torch.zeros(G.shape[0], dtype=F64)
+    active, n, H = correlation(G)
+    k = active.numel()
+    if k == 0:
+        return as_output(out, G0)
+    m = float(torch.log(n).mean().exp())
+    n_t = n / m
+    rho = max(ridge, 8.0 * k * input_eps(G0)) if ridge > 0.0 else 0.0
+    H = H + rho * torch.eye(k, dtype=F64)
+    absH = H.abs()
+    one, q = alpha == 1.0, 1.0 / alpha
+    c = torch.ones(k, dtype=F64) if one else n_t ** ((1.0 - alpha) / alpha)
+    # start on the ray of 1 at its best scale (capped: 1ᵀĜ1 ≈ 0 when the mean direction vanishes)
+    beta = torch.full((k,), (float(c.sum()) / max(float(H.sum()), 1e-6 * k)) ** (alpha / (alpha + 1.0)), dtype=F64)
+
+    def f(b: Tensor) -> float:
+        util = torch.log(b) if one else b ** (1.0 - q) / (1.0 - q)
+        return 0.5 * float(b @ H @ b) - float((c * util).sum())
+
+    def converged(b: Tensor) -> bool:
+        scale = b ** q / c
+        res = (scale * (H @ b) - 1.0).abs()
+        slack = tol + 8.0 * k * 2.0 ** -52 * scale * (absH @ b)
+        return bool((res <= slack).all())
+
+    full_step = 0.0625 if one else 1e-8
+    fb, done, it = f(beta), converged(beta), 0
+    while not done and it < max_iter:
+        it += 1
+        grad = H @ beta - c * beta ** -q
+        hess = H + torch.diag(c * q * beta ** (-q - 1.0))
+        sol, info = torch.linalg.solve_ex(hess, grad)
+        step = -sol if int(info) == 0 and bool(torch.isfinite(sol).all()) else -solve_sym(hess, grad)
+        slope = float(grad @ step)
+        if not slope < 0.0:
+            break
+        if -slope < full_step and bool((beta + step > 0.0).all()):
+            beta = beta + step
+            fb, done = f(beta), converged(beta)
+            continue
+        t = 1.0
+        neg = step < 0.0
+        if bool(neg.any()):
+            t = min(1.0, 0.99 * float((-beta[neg] / step[neg]).min()))
+        accepted = False
+        for _ in range(60):
+            cand = beta + t * step
+            if bool((cand > 0.0).all()):
+                fc = f(cand)
+                if fc <= fb + 0.25 * t * slope:
+                    accepted = True
+                    break
+            t *= 0.5
+        if not accepted:
+            break
+        beta, fb = cand, fc
+        done = converged(beta)
+    if not done:
+        res = float((beta ** q / c * (H @ beta) - 1.0).abs().max())
+        raise GramianSolverError(
+            f"{name}: Newton solver did not converge (max |w_i^(1/α) (Gw)_i − 1| = {res:.3g}, α = {alpha:g}, "
+            f"tolerance {tol:g}, {it} of at most {max_iter} steps); the gradients may be (nearly) "
+            "Pareto-stationary or G badly conditioned")
+    out[active] = beta / n_t * m ** (-2.0 * alpha / (alpha + 1.0))
+    return as_output(out, G0)

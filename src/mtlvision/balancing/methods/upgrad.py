@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..base import METHODS, Promises
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import F64, as_output, input_eps, mean_diag, nnls_gram, preference, prepare
+from ..solvers import as_output, dual_cone_weights, preference, prepare
 
 
 def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
@@ -25,8 +25,9 @@ def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
 
     i.e. v = u + λ, λ = argmin_{λ ≥ 0} ½(u + λ)ᵀG(u + λ): a non-negative least-squares problem in
     Gram form (Q = G, c = −Gu), solved by a Lawson–Hanson active-set method (finite termination;
-    exact up to rounding, dual residual ≤ `tol` relative). With u = p_i e_i for each i,
-    w = Σ_i v_i, and d = Jᵀw satisfies d·g_j = (Gw)_j ≥ 0 for every task.
+    exact up to rounding, dual residual ≤ `tol` relative): `solvers.dual_cone_weights`, shared with
+    DualProj. With u = p_i e_i for each i, w = Σ_i v_i, and d = Jᵀw satisfies d·g_j = (Gw)_j ≥ 0
+    for every task.
 
     Conditioning and regularisation: the dual cone does not change when a task gradient is
     rescaled, so the QP is solved in correlation form (Ĝ = N⁻¹GN⁻¹, N = diag ||g_i||, variables
@@ -42,36 +43,10 @@ def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
     Zero-gradient tasks constrain nothing; they keep weight p_i (which does not affect d). If G is
     singular and ρ = 0, w is not unique (d is); one solution is returned.
     """
-    if not (ridge >= 0.0):
-        raise ValueError(f"upgrad: ridge must be >= 0, got {ridge}")
-    G0 = G
-    G = prepare(G, "upgrad")
-    T = G.shape[0]
+    T = prepare(G, "upgrad").shape[0]
     p = preference(pref, T, "upgrad")
-    scale = mean_diag(G)
-    if scale <= 0.0:
-        return as_output(p.clone(), G0)
-    rho = max(ridge, 8.0 * T * input_eps(G0)) if ridge > 0.0 else 0.0
-    norms = G.diagonal().clamp(min=0.0).sqrt()
-    active = (norms > 1e-12 * float(norms.max())).nonzero().squeeze(-1)
-    n = norms[active]
-    k = active.numel()
-    C = G[active][:, active] / torch.outer(n, n)
-    C = 0.5 * (C + C.T) + rho * torch.eye(k, dtype=F64)
-    cmax = float(C.diagonal().max())
-    # zero-gradient tasks: nothing to project, their weight does not affect d
-    w = p.clone()
-    w[active] = 0.0
-    for a in range(k):
-        pi = float(p[active[a]])
-        if pi == 0.0:
-            continue
-        u = torch.zeros(k, dtype=F64)
-        u[a] = pi * float(n[a])                      # v̂ = N v ≥ N u
-        lam = nnls_gram(C, -(C @ u), tol=tol * cmax * abs(float(u[a])),
-                         max_iter=50 * k + 50, name="upgrad")
-        w[active] += (u + lam) / n
-    return as_output(w, G0)
+    V = dual_cone_weights(G, torch.diag(p), "upgrad", ridge=ridge, tol=tol)
+    return as_output(V.sum(dim=0), G)
 
 
 @METHODS.register("upgrad", params=GradientParams,
