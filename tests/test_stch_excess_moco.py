@@ -1,4 +1,5 @@
-"""Known-value tests of STCH against its definition and the authors' update (recomputed here independently)."""
+"""Known-value tests of STCH and ExcessMTL against their definitions, the authors' updates (recomputed here
+independently) and TorchJD 0.18 (ExcessMTL)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from mtlvision.balancing import StepContext, build_balancer
+from mtlvision.balancing.gradient import TaskGradients
 from mtlvision.errors import ConfigError
 from mtlvision.tasks import Task
 
@@ -108,3 +110,108 @@ def test_stch_task_absent_from_the_measuring_epoch_is_normalised_at_its_first_st
 def test_stch_bad_parameters(params, key):
     with pytest.raises(ConfigError, match=f"balancing.{key}"):
         build_balancer({"method": "stch", **params}, TASKS)
+
+
+# -- ExcessMTL ---------------------------------------------------------------------------------------
+
+def excess_step(method, J: torch.Tensor, losses=None, epoch: int = 0):
+    losses = torch.ones(len(J), dtype=F64) if losses is None else torch.as_tensor(losses, dtype=F64)
+    result = method.combine(TaskGradients(J, J @ J.T, losses), ctx(epoch))
+    method.commit(result.state)
+    return result
+
+
+def authors_excess_mtl(Js: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+    """The authors' ExcessMTL.backward (yifei-he/ExcessMTL, LibMTL/weighting/ExcessMTL.py) restated: weights
+    start at 1, the first step records the initial excess risks, later steps multiply by exp(eta w / w0) and
+    renormalise to sum T."""
+    T = len(Js[0])
+    loss_weight, grad_sum, initial, out = torch.ones(T, dtype=F64), torch.zeros_like(Js[0]), None, []
+    for J in Js:
+        w = torch.zeros(T, dtype=F64)
+        for i in range(T):
+            grad_sum[i] += J[i] ** 2
+            w[i] = (J[i] * (1 / torch.sqrt(grad_sum[i] + 1e-7))) @ J[i]
+        if initial is None:
+            initial = w
+        else:
+            loss_weight = loss_weight * torch.exp(w / initial * eta)
+            loss_weight = loss_weight / loss_weight.sum() * T
+        out.append(loss_weight.clone())
+    return out
+
+
+def test_excess_mtl_two_tasks_by_hand():
+    """N = 1, g = (1, 2) then (2, 2): e⁰ = (1/√(1+ε), 4/√(4+ε)), r = (4/√(5+ε), 4/√(8+ε)) / e⁰, α ∝ exp(η r)."""
+    eps, eta = 1e-7, 0.5
+    m = build_balancer({"method": "excess_mtl", "robust_step_size": eta}, TASKS[:2])
+    first = excess_step(m, torch.tensor([[1.0], [2.0]], dtype=F64))
+    assert first.weights.tolist() == pytest.approx([1.0, 1.0], rel=1e-15)
+    r = [4 / math.sqrt(5 + eps) * math.sqrt(1 + eps), 4 / math.sqrt(8 + eps) * math.sqrt(4 + eps) / 4]
+    a = [math.exp(eta * x) for x in r]
+    expect = [2 * x / sum(a) for x in a]
+    second = excess_step(m, torch.tensor([[2.0], [2.0]], dtype=F64))
+    assert second.weights.tolist() == pytest.approx(expect, rel=1e-14)
+    assert second.update.tolist() == pytest.approx([2 * expect[0] + 2 * expect[1]], rel=1e-14)
+
+
+def test_excess_mtl_matches_the_authors_update():
+    g = torch.Generator().manual_seed(3)
+    Js = [torch.randn(3, 11, generator=g, dtype=F64) * (1 + k % 3) for k in range(8)]
+    m = build_balancer({"method": "excess_mtl", "robust_step_size": 0.3}, TASKS)
+    for J, ref in zip(Js, authors_excess_mtl(Js, 0.3)):
+        result = excess_step(m, J)
+        assert torch.allclose(result.weights, ref, rtol=1e-13, atol=0)
+        assert torch.allclose(result.update, ref @ J, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("warmup", [0, 1])
+@pytest.mark.parametrize("scale,tol", [(1.0, 1e-7), (1e3, 1e-10)])
+def test_excess_mtl_matches_torchjd(warmup, scale, tol):
+    """TorchJD 0.18 `ExcessMTLWeighting` normalises α to sum 1 and, without warm-up, updates α on its first call
+    with the raw e; with n_warmup_steps = k it equals this method with k warm-up steps, up to its 1e-7 added to
+    e⁰: max |Δ| = 2.3e-8 with O(1) gradients and 2.3e-11 with gradients × 1e3 (it scales as 1e-7 / e⁰)."""
+    A = pytest.importorskip("torchjd.aggregation")
+    g = torch.Generator().manual_seed(5)
+    Js = [scale * torch.randn(3, 9, generator=g, dtype=F64) * torch.tensor([[1.0], [3.0], [0.3]], dtype=F64)
+          for _ in range(10)]
+    steps_in_warmup = 3 if warmup else 1
+    jd = A.ExcessMTLWeighting(robust_step_size=0.5, n_warmup_steps=steps_in_warmup)
+    m = build_balancer({"method": "excess_mtl", "robust_step_size": 0.5, "warmup_epochs": warmup}, TASKS)
+    worst = 0.0
+    for k, J in enumerate(Js):
+        ref = jd(J)
+        epoch = 0 if k < steps_in_warmup and warmup else 1
+        ours = excess_step(m, J, epoch=epoch).weights / 3
+        worst = max(worst, float((ours - ref).abs().max()))
+    assert worst < tol, worst
+
+
+def test_excess_mtl_absent_task_keeps_its_weight():
+    g = torch.Generator().manual_seed(1)
+    m = build_balancer({"method": "excess_mtl", "robust_step_size": 1.0}, TASKS)
+    for _ in range(3):
+        excess_step(m, torch.randn(3, 4, generator=g, dtype=F64))
+    before = m.alpha.clone()
+    J = torch.randn(3, 4, generator=g, dtype=F64)
+    J[1] = 0.0
+    result = excess_step(m, J, losses=[1.0, 0.0, 2.0])
+    assert float(m.alpha[1]) == float(before[1])
+    assert float(m.alpha.sum()) == pytest.approx(1.0, rel=1e-15)
+    assert result.weights[1] == pytest.approx(3 * float(before[1]), rel=1e-15)
+    # a task first present later gets its baseline then
+    m = build_balancer({"method": "excess_mtl"}, TASKS)
+    J[1] = 0.0
+    excess_step(m, J, losses=[1.0, 0.0, 2.0])
+    assert float(m.baseline[1]) == 0.0 and float(m.baseline[0]) > 0
+    J[1] = 1.0
+    excess_step(m, J)
+    assert float(m.baseline[1]) > 0
+
+
+@pytest.mark.parametrize("params,key", [({"robust_step_size": 0.0}, "robust_step_size"),
+                                        ({"robust_step_size": float("inf")}, "robust_step_size"),
+                                        ({"warmup_epochs": -2}, "warmup_epochs")])
+def test_excess_mtl_bad_parameters(params, key):
+    with pytest.raises(ConfigError, match=f"balancing.{key}"):
+        build_balancer({"method": "excess_mtl", **params}, TASKS)
