@@ -1,5 +1,5 @@
-"""Known-value tests of STCH and ExcessMTL against their definitions, the authors' updates (recomputed here
-independently) and TorchJD 0.18 (ExcessMTL)."""
+"""Known-value tests of STCH, ExcessMTL and MoCo against their definitions, the authors' updates (recomputed
+here independently) and TorchJD 0.18 where it has the method (ExcessMTL)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ import torch
 
 from mtlvision.balancing import StepContext, build_balancer
 from mtlvision.balancing.gradient import TaskGradients
+from mtlvision.balancing.methods.moco import project_simplex
 from mtlvision.errors import ConfigError
 from mtlvision.tasks import Task
 
@@ -215,3 +216,88 @@ def test_excess_mtl_absent_task_keeps_its_weight():
 def test_excess_mtl_bad_parameters(params, key):
     with pytest.raises(ConfigError, match=f"balancing.{key}"):
         build_balancer({"method": "excess_mtl", **params}, TASKS)
+
+
+# -- MoCo --------------------------------------------------------------------------------------------
+
+def simplex_by_bisection(v: np.ndarray) -> np.ndarray:
+    """Projection onto the simplex by bisection on the threshold theta (sum max(v - theta, 0) = 1)."""
+    lo, hi = v.min() - 1.0, v.max()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > 1 else (lo, mid)
+    return np.maximum(v - 0.5 * (lo + hi), 0)
+
+
+def moco_step_(method, J, losses=None):
+    losses = torch.ones(len(J), dtype=F64) if losses is None else torch.as_tensor(losses, dtype=F64)
+    result = method.combine(TaskGradients(J, J @ J.T, losses), ctx())
+    method.commit(result.state)
+    return result
+
+
+def test_moco_two_tasks_by_hand():
+    """β = 1 (y = g), γ = 0.1: λ − γ YYᵀλ = (.5, .5) − .1 (.5, 2) = (.45, .3), projected: (.575, .425);
+    d = .575 (1, 0) + .425 (0, 2)."""
+    m = build_balancer({"method": "moco", "beta": 1.0, "beta_sigma": 0.0, "gamma": 0.1}, TASKS[:2])
+    result = moco_step_(m, torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64))
+    assert result.weights.tolist() == pytest.approx([0.575, 0.425], rel=1e-14)
+    assert result.update.tolist() == pytest.approx([0.575, 0.85], rel=1e-14)
+
+
+def test_moco_matches_the_paper_update_recomputed():
+    """Algorithm 1 of the paper, restated in numpy with a bisection projection: y, λ and d agree over steps."""
+    p = {"beta": 0.4, "beta_sigma": 0.3, "gamma": 0.2, "gamma_sigma": 0.6, "rho": 0.05}
+    m = build_balancer({"method": "moco", **p}, TASKS)
+    rng = np.random.default_rng(7)
+    y, lam = np.zeros((3, 6)), np.full(3, 1 / 3)
+    for k in range(1, 9):
+        J = rng.normal(size=(3, 6)) * np.array([[1.0], [4.0], [0.5]])
+        y = y - p["beta"] / k ** p["beta_sigma"] * (y - J)
+        lam = simplex_by_bisection(lam - p["gamma"] / k ** p["gamma_sigma"] * (y @ y.T @ lam + p["rho"] * lam))
+        result = moco_step_(m, torch.tensor(J))
+        assert np.allclose(result.weights.numpy(), lam, rtol=0, atol=1e-12)
+        assert np.allclose(result.update.numpy(), lam @ y, rtol=0, atol=1e-12)
+        assert np.allclose(m.tracked.numpy(), y, rtol=0, atol=1e-13)
+
+
+def test_project_simplex():
+    assert project_simplex(torch.tensor([0.2, 0.3, 0.5], dtype=F64)).tolist() == pytest.approx([0.2, 0.3, 0.5])
+    assert project_simplex(torch.tensor([2.0, 0.0], dtype=F64)).tolist() == [1.0, 0.0]
+    assert project_simplex(torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=F64)).tolist() == [0.25] * 4
+    v = torch.randn(7, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3
+    assert np.allclose(project_simplex(v).numpy(), simplex_by_bisection(v.numpy()), atol=1e-12)
+    with pytest.raises(ValueError):
+        project_simplex(torch.tensor([float("nan"), 1.0], dtype=F64))
+
+
+def test_moco_absent_and_unseen_tasks():
+    """A task never present has λ = 0 (the others on the simplex among themselves); an absent task's tracked
+    gradient is kept, not decayed towards its zero gradient."""
+    m = build_balancer({"method": "moco"}, TASKS)
+    g = torch.Generator().manual_seed(2)
+    J = torch.randn(3, 5, generator=g, dtype=F64)
+    J[2] = 0.0
+    result = moco_step_(m, J, losses=[1.0, 1.0, 0.0])
+    assert float(result.weights[2]) == 0.0 and float(result.weights.sum()) == pytest.approx(1.0)
+    assert m.tracked[2].abs().sum() == 0 and m.seen.tolist() == [True, True, False]
+    J2 = torch.randn(3, 5, generator=g, dtype=F64)
+    moco_step_(m, J2)
+    kept = m.tracked[1].clone()
+    J3 = torch.randn(3, 5, generator=g, dtype=F64)
+    J3[1] = 0.0
+    moco_step_(m, J3, losses=[1.0, 0.0, 1.0])
+    assert torch.equal(m.tracked[1], kept)
+
+
+@pytest.mark.parametrize("params,key", [({"beta": 0.0}, "beta"), ({"beta": 1.5}, "beta"), ({"gamma": -1.0}, "gamma"),
+                                        ({"beta_sigma": -0.1}, "beta_sigma"), ({"rho": -1.0}, "rho")])
+def test_moco_bad_parameters(params, key):
+    with pytest.raises(ConfigError, match=f"balancing.{key}"):
+        build_balancer({"method": "moco", **params}, TASKS)
+
+
+@pytest.mark.parametrize("method", ["moco", "excess_mtl"])
+def test_feature_space_is_refused(method):
+    with pytest.raises(ConfigError):
+        build_balancer({"method": method, "space": "feature"}, TASKS)
