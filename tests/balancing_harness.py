@@ -24,7 +24,9 @@ F64 = torch.float64
 TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q", "r", "s"])]
 IN, WIDTH, ROWS = 6, 5, 8
 # parameters a method needs in the suite beyond its defaults (so that the property is not trivial)
-PARAMS: dict[str, dict[str, Any]] = {"fixed": {"weights": {"a": 0.5, "c": 2.0}}}
+PARAMS: dict[str, dict[str, Any]] = {"fixed": {"weights": {"a": 0.5, "c": 2.0}},
+                                     # steps large enough that the weights move visibly on the toy problem
+                                     "modo": {"gamma": 0.5}, "auto_lambda": {"lr": 0.01}}
 
 
 def cases() -> list[tuple[str, Optional[str]]]:
