@@ -25,7 +25,9 @@ TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q",
 IN, WIDTH, ROWS = 6, 5, 8
 # parameters a method needs in the suite beyond its defaults (so that the property is not trivial)
 PARAMS: dict[str, dict[str, Any]] = {"fixed": {"weights": {"a": 0.5, "c": 2.0}},
-                                    "stch": {"warmup_epochs": 1}}  # STCH: warm-up, then its own steps
+                                    "stch": {"warmup_epochs": 1},  # STCH: warm-up, then its own steps
+                                    # steps large enough that the weights move visibly on the toy problem
+                                    "modo": {"gamma": 0.5}, "auto_lambda": {"lr": 0.01}}
 
 
 def cases() -> list[tuple[str, Optional[str]]]:

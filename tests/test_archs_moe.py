@@ -15,6 +15,7 @@ from mtlvision.training.optim import build_optimizer
 from mtlvision.training import train
 
 from conftest import tiny_config
+from probing import model_probe
 
 TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q", "r", "s"])]
 BACKBONE = {"name": "smallcnn", "width": 4, "out_dim": 16}  # stages 3->4, 4->8, 8->16 channels; D = 16
@@ -182,10 +183,12 @@ def test_entropy_regulariser_is_applied_once_per_step(method):
     for reg in (0.0, 0.1):
         model = _model({"name": "dselect-k", "entropy_reg": reg})
         balancer = build_balancer({"method": method}, TASKS)
-        out = model(x, split=getattr(balancer, "needs_shared_features", False))
+        split = getattr(balancer, "needs_shared_features", False)
+        out = model(x, split=split)
         losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
+        probe = model_probe(model, x, y, TASKS, split) if balancer.needs_probe else None
         balancer.backward(losses, StepContext(out.shared, model.shared_parameters(), model.task_parameters(), 0, 0,
-                                              trunk=out.trunk))
+                                              trunk=out.trunk, probe=probe))
         models.append((model, out))
     (plain, out), (reg, _) = models
     for p, q in zip(plain.shared_parameters(), reg.shared_parameters()):

@@ -12,6 +12,7 @@ from mtlvision.tasks import Task
 from mtlvision.training import train
 
 from conftest import tiny_config
+from probing import model_probe
 
 TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q", "r", "s"])]
 
@@ -119,8 +120,9 @@ def test_every_method_trains_the_trunk(method):
         losses = {t.name: t.loss(out.logits[t.name], y[t.name]) for t in TASKS}
         total = sum(v.item() for v in losses.values())
         first = total if first is None else first
+        probe = model_probe(model, x, y, TASKS) if balancer.needs_probe else None
         w = balancer.backward(losses, StepContext(out.shared, model.shared_parameters(),
-                                                  model.task_parameters(), step, 0))
+                                                  model.task_parameters(), step, 0, probe=probe))
         assert all(torch.isfinite(torch.tensor(v)) for v in w.values())
         opt.step()
     moved = sum((p.detach() - b).abs().sum().item() for p, b in zip(model.shared_parameters(), before))

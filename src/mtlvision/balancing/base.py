@@ -35,6 +35,9 @@ ONE_BACKWARD = "one backward"
 GRADIENT_EITHER = "gradient method (feature or parameter space)"
 GRADIENT_FEATURE = "gradient method (feature space only)"
 GRADIENT_PARAMETER = "gradient method (parameter space only)"
+# methods that call `StepContext.run_probe` (context.py): the extra forward/backward passes are part of the class
+GRADIENT_TWO_EXTRA_BATCHES = "gradient method (parameter space only) + 2 extra batches"
+ONE_BACKWARD_LOOKAHEAD = "one backward + look-ahead (1 validation batch; 3 extra forwards, 2 extra backwards)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,9 @@ class Balancer(nn.Module):
     # methods that draw extra batches, e.g. "gradient method + 2 extra batches")
     cost_class: str = ONE_BACKWARD
     promises: Promises = Promises()
+    # True for methods that call `StepContext.run_probe` (extra mini-batches, a look-ahead): a caller that
+    # builds its own StepContext must give it a `probe`
+    needs_probe: bool = False
 
     def __init__(self, tasks: list[Task]) -> None:
         super().__init__()
