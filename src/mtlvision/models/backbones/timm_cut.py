@@ -2,7 +2,7 @@
 
 * Convolutional models whose `forward_features` is a chain of modules (ResNet, ConvNeXt, EfficientNet,
   MobileNet, RegNet, ...): the chain is read by recording which modules `forward_features` calls, in
-  order (forward pre-hooks on the model's children and on the containers of its feature modules). The
+  order (forward pre-hooks on the model's children, the containers of its feature modules opened). The
   stem is every module before the first chosen level's module, stage j runs up to level j's module, and
   the pool is the rest of `forward_features` (e.g. EfficientNet's conv_head) then timm's own
   `forward_head(x, pre_logits=True)` on what is left of the model.
@@ -19,9 +19,10 @@ that act between stages refuse it naming the reason (`Backbone.require_stages`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -91,6 +92,8 @@ def default_levels(levels: list[dict], tokens: bool) -> list[int]:
     level joins the stem); for models whose levels share one stride (transformer blocks), the last block
     of each of up to four consecutive groups, the first ones one block longer."""
     reductions = {f["reduction"] for f in levels}
+    if not levels:
+        return []
     if not tokens and len(reductions) > 1:
         return [i for i, f in enumerate(levels) if f["reduction"] >= 4]
     groups = min(4, len(levels))
@@ -107,21 +110,20 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-def _chain(model: nn.Module, level_modules: list[str], probe: torch.Tensor) -> Optional[list[str]]:
-    """Names of the modules `forward_features` calls, in call order, at the granularity of the model's
-    children with the containers of the feature modules opened; None if a module is called twice."""
+@contextlib.contextmanager
+def _recording(model: nn.Module, level_modules: list[str]) -> Iterator[list[str]]:
+    """Within the block, the names of the modules the model calls are appended to the yielded list, at the
+    granularity of the model's children with the containers of the feature modules opened."""
     opened = {""} | {name.rsplit(".", k)[0] for name in level_modules for k in range(1, name.count(".") + 1)}
     candidates = {(f"{p}.{c}" if p else c): m for p in opened for c, m in model.get_submodule(p).named_children()}
     calls: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: calls.append(name))
              for name, m in candidates.items() if name not in opened]
     try:
-        with torch.no_grad():
-            model.forward_features(probe)
+        yield calls
     finally:
         for h in hooks:
             h.remove()
-    return calls if len(calls) == len(set(calls)) else None
 
 
 def _matches(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -145,24 +147,26 @@ def cut(model: nn.Module, name: str, out_indices: Optional[list[int]], in_channe
     from timm.models.vision_transformer import VisionTransformer
 
     model.eval()
-    probe = torch.randn(2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(1, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
     levels = list(getattr(model, "feature_info", None) or [])
+    kind, tokens = type(model).__name__, isinstance(model, VisionTransformer)
+    ends = default_levels(levels, tokens) if out_indices is None else list(out_indices)
+    if levels and (not ends or ends != sorted(set(ends)) or not 0 <= ends[0] <= ends[-1] < len(levels)):
+        raise ConfigError(f"model.backbone.out_indices: expected increasing indices in 0..{len(levels) - 1} "
+                          f"(the feature levels of {name}: {[f['module'] for f in levels]}), got {out_indices}")
+    names = [levels[i]["module"] for i in ends] if levels else []
     try:
+        with torch.no_grad(), _recording(model, names) as calls:
+            features = model.forward_features(probe)
         with torch.no_grad():
-            pooled = model.forward_head(model.forward_features(probe), pre_logits=True)
+            pooled = model.forward_head(features, pre_logits=True)
     except RuntimeError as exc:
         most = f" (it reduces them up to {levels[-1]['reduction']}x)" if levels else ""
         raise ConfigError(f"model.backbone: timm model {name!r} cannot take {image_size} px images{most}: "
                           f"{str(exc).splitlines()[0]}") from exc
-    kind, tokens = type(model).__name__, isinstance(model, VisionTransformer)
     parts, reason = None, f"timm model {name!r} ({kind}) has no feature_info"
     if levels:
-        ends = default_levels(levels, tokens) if out_indices is None else list(out_indices)
-        if not ends or ends != sorted(set(ends)) or not 0 <= ends[0] <= ends[-1] < len(levels):
-            raise ConfigError(f"model.backbone.out_indices: expected increasing indices in 0..{len(levels) - 1} "
-                              f"(the feature levels of {name}: {[f['module'] for f in levels]}), got {out_indices}")
-        names = [levels[i]["module"] for i in ends]
-        parts = _vit_parts(model, names) if tokens else _chain_parts(model, names, probe)
+        parts = _vit_parts(model, names) if tokens else _chain_parts(model, names, calls)
         reason = f"timm model {name!r} ({kind}): its forward_features is not a chain of modules mtlvision can split"
         if parts is not None and not _reproduces(model, parts, probe, ends, tokens, pooled):
             parts, reason = None, f"timm model {name!r} ({kind}): the cut stages do not reproduce its forward_features"
@@ -199,10 +203,10 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # module names in a Sequential cannot hold dots
 
 
-def _chain_parts(model: nn.Module, names: list[str], probe: torch.Tensor):
-    """(stem, stages, tail, names of the modules they take) of a chain-like model, or None."""
-    chain = _chain(model, names, probe)
-    if chain is None or any(n not in chain for n in names):
+def _chain_parts(model: nn.Module, names: list[str], chain: list[str]):
+    """(stem, stages, tail, names of the modules they take) of a model whose `forward_features` called the
+    modules `chain` in this order, or None if it called one twice or did not call a feature module."""
+    if len(chain) != len(set(chain)) or any(n not in chain for n in names):
         return None
     bounds = [chain.index(n) for n in names]
     modules = [(_key(n), model.get_submodule(n)) for n in chain]
