@@ -89,6 +89,8 @@ def test_model_that_cannot_be_cut_is_used_whole_and_staged_architectures_say_why
 def test_bad_names_and_options_are_config_errors_naming_the_key():
     with pytest.raises(ConfigError, match="timm has no model 'convnext_tinyy'; did you mean convnext_tiny"):
         build_backbone(timm_spec("convnext_tinyy"), 3, 32)
+    with pytest.raises(ConfigError, match="no pretrained tag 'in22k' for test_convnext; it has: test_convnext.r160"):
+        build_backbone(timm_spec("test_convnext.in22k"), 3, 32)
     with pytest.raises(ConfigError, match=r"model\.backbone\.model: required"):
         build_backbone({"name": "timm"}, 3, 32)
     with pytest.raises(ConfigError, match=r"model\.backbone\.kwargs: .*unexpected keyword argument 'depthz'"):

@@ -68,6 +68,10 @@ def model_name(value: str) -> str:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{WHERE}.model: timm has no model {value!r}{hint} "
                           f"(list them: mtlvision list backbones --timm '{value[:4]}*')")
+    arch, _, tag = value.partition(".")
+    if tag and value not in timm.list_pretrained(f"{arch}.*"):
+        raise ConfigError(f"{WHERE}.model: timm has no pretrained tag {tag!r} for {arch}; it has: "
+                          f"{', '.join(timm.list_pretrained(f'{arch}.*')) or 'none'}")
     return value
 
 
