@@ -209,7 +209,8 @@ def cmd_list(args: argparse.Namespace) -> None:
         if args.timm is not None:  # timm's own listing; a tag (name.tag) names pretrained weights
             import timm
 
-            names, title = timm.list_models(args.timm, pretrained=args.pretrained), f"timm models matching {args.timm!r}"
+            names = timm.list_models(args.timm, pretrained=args.pretrained)
+            title = f"timm models matching {args.timm!r}"
         else:
             from torchvision.models import list_models
 

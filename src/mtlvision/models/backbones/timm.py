@@ -82,7 +82,8 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"{WHERE}.kwargs: timm.create_model({name!r}) refused a keyword argument "
-                          f"(of {sorted(kwargs)}; drop_path_rate and img_size come from their own keys): {exc}") from exc
+                          f"(of {sorted(kwargs)}; drop_path_rate and img_size come from their own keys): "
+                          f"{exc}") from exc
     except RuntimeError as exc:
         if pretrained and "pretrained" in str(exc):
             raise ConfigError(f"{WHERE}.pretrained: {exc}; models with weights: "
@@ -178,7 +179,7 @@ def _enable_checkpointing(backbone: Backbone) -> None:
 
 @BACKBONES.register("timm", params=TimmParams)
 def timm_backbone(p: TimmParams, in_channels: int, image_size: int, load_weights: bool = True) -> Backbone:
-    """Any timm model (`model`; pretrained from timm's hub or a local `weights` file), cut into stages at its feature levels."""
+    """Any timm model (`model`; pretrained from timm's hub or a local `weights` file), cut into stages."""
     from timm.models import get_pretrained_cfg
 
     name = model_name(p.model)
