@@ -80,7 +80,8 @@ def test_model_that_cannot_be_cut_is_used_whole_and_staged_architectures_say_why
     for arch in ("hps", "cross-stitch"):
         build_model(ModelConfig(backbone=timm_spec("test_mambaout"), architecture={"name": arch}), TASKS, (64, 64, 3))
     for arch in ("mtan", "mmoe", "ple"):
-        with pytest.raises(ConfigError, match=r"cut into at least 1 stage.*MambaOut.*work on it: hps, task-features, "
+        with pytest.raises(ConfigError, match=r"needs a backbone cut into stages, and this one is not \(timm "
+                                              r"model 'test_mambaout' \(MambaOut\).*work on it: hps, task-features, "
                                               r"cross-stitch"):
             build_model(ModelConfig(backbone=timm_spec("test_mambaout"), architecture={"name": arch}), TASKS,
                         (64, 64, 3))
@@ -291,7 +292,6 @@ def test_layer_ids_follow_timm_group_matcher():
 def test_torchvision_cut_reproduces_the_model(name):
     torch.manual_seed(0)
     ref = torchvision.models.get_model(name).eval()
-    last = "fc" if name == "resnet18" else "classifier"
     if name == "resnet18":
         ref.fc = torch.nn.Identity()
     else:
@@ -300,8 +300,7 @@ def test_torchvision_cut_reproduces_the_model(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), ref(x))
-    assert len(bb.stages) == 4 and bb.stage_channels()[-1] <= bb.out_dim and last
-    assert bb.normalization is None
+    assert len(bb.stages) == 4 and bb.normalization is None  # no weights: the dataset's statistics
 
 
 def test_torchvision_weights_enum_file_and_errors(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import io
 import tarfile
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -60,6 +60,9 @@ class CrossStitch(Architecture):
     and fully connected layers), and alpha trains at the model's learning rate (the paper scales
     its rate up 10^2-10^3; the optimiser here has one rate) and without weight decay.
 
+    On token backbones (vision transformers, stages of blocks with outputs (B, N, C)) a stitch mixes each
+    channel of every token. On a backbone that could not be cut into stages, only the final stitch remains.
+
     Cut: the trunk is the T networks and the stage stitches; the shared tensor is the stacked pooled
     features (B, T, D) before the final stitch. The final stitch and the heads are downstream, so each
     task's loss reaches every network's features and the feature-space Gramian is not diagonal.

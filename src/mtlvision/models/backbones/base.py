@@ -80,14 +80,12 @@ class Backbone(nn.Module):
             x = stage(x)
         return self.pool(x)
 
-    def require_stages(self, architecture: str, at_least: int = 1) -> None:
-        """A ConfigError unless the backbone has `at_least` stages (for architectures acting between them)."""
-        if len(self.stages) >= at_least:
-            return
-        why = self.unstaged or "it has fewer"
-        raise ConfigError(f"model.architecture: {architecture} needs a backbone cut into at least {at_least} "
-                          f"stage(s); this one has {len(self.stages)}: {why}. Architectures that work on it: hps, "
-                          "task-features" + (", cross-stitch" if not self.stages else ""))
+    def require_stages(self, architecture: str) -> None:
+        """A ConfigError unless the backbone was cut into stages (for architectures acting between them)."""
+        if not self.stages:
+            raise ConfigError(f"model.architecture: {architecture} needs a backbone cut into stages, and this one "
+                              f"is not ({self.unstaged or 'it has none'}); architectures that work on it: hps, "
+                              "task-features, cross-stitch")
 
     def _probe_input(self, probe_size: Optional[int]) -> torch.Tensor:
         param = next(self.parameters())
