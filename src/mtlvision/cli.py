@@ -197,6 +197,28 @@ def cmd_list(args: argparse.Namespace) -> None:
 
     registries = {"sources": SOURCES, "backbones": BACKBONES, "architectures": ARCHITECTURES,
                   "heads": HEADS, "methods": METHODS}
+    if args.timm is not None or args.torchvision or args.pretrained:
+        from .errors import ConfigError
+
+        if args.pretrained and args.timm is None:
+            raise ConfigError("--pretrained goes with --timm PATTERN")
+        if args.kind not in (None, "backbones"):
+            raise ConfigError(f"--timm / --torchvision list backbone models, not {args.kind}")
+        if args.timm is not None:  # timm's own listing; a tag (name.tag) names pretrained weights
+            import timm
+
+            names = timm.list_models(args.timm, pretrained=args.pretrained)
+            title = f"timm models matching {args.timm!r}"
+        else:
+            from torchvision.models import list_models
+
+            names, title = list_models(), "torchvision models"
+        table = Table(title=f"{title} ({len(names)}){', pretrained weights' if args.pretrained else ''}")
+        table.add_column("model")
+        for name in names:
+            table.add_row(name)
+        Console().print(table)
+        return
     for kind in ([args.kind] if args.kind else registries):
         table = Table(title=kind)
         table.add_column("name")
@@ -364,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered sources, backbones, architectures, heads, methods")
     ls.add_argument("kind", nargs="?", choices=["sources", "backbones", "architectures", "heads", "methods"])
+    ls.add_argument("--timm", metavar="PATTERN", help="list timm models matching PATTERN, e.g. 'convnext*' "
+                    "(for model.backbone: {name: timm, model: NAME})")
+    ls.add_argument("--pretrained", action="store_true", help="with --timm: only models with pretrained weights, "
+                    "as name.tag")
+    ls.add_argument("--torchvision", action="store_true", help="list torchvision's models (name: torchvision)")
     ls.set_defaults(func=cmd_list)
 
     b = sub.add_parser("bench", help="run a suite: architectures x methods x seeds plus single-task baselines")

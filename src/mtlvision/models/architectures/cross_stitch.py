@@ -29,12 +29,14 @@ class CrossStitchParams:
             raise ConfigError(f"model.architecture.alpha_diff: expected a value in [0, 1], got {self.alpha_diff}")
 
 
-def stitch(alpha: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Cross-stitch unit: y_t = sum_u alpha[:, t, u] * x_u, per channel (dim 1 of each x_u).
+def stitch(alpha: torch.Tensor, xs: Sequence[torch.Tensor], channel_dim: int = 1) -> list[torch.Tensor]:
+    """Cross-stitch unit: y_t = sum_u alpha[:, t, u] * x_u, per channel (dim `channel_dim` of each x_u: 1 for
+    feature maps and vectors, -1 for tokens (B, N, C)).
 
     `alpha` is (K, T, T) with K the channel count (per-channel mixing) or 1 (one matrix per stage).
     """
-    shape = (1, -1) + (1,) * (xs[0].ndim - 2)
+    shape = [1] * xs[0].ndim
+    shape[channel_dim] = -1
     return [sum(alpha[:, t, u].view(shape) * x for u, x in enumerate(xs)) for t in range(len(xs))]
 
 
@@ -57,6 +59,9 @@ class CrossStitch(Architecture):
     follow every stage here (its AlexNet had them after the pooling
     and fully connected layers), and alpha trains at the model's learning rate (the paper scales
     its rate up 10^2-10^3; the optimiser here has one rate) and without weight decay.
+
+    On token backbones (vision transformers, stages of blocks with outputs (B, N, C)) a stitch mixes each
+    channel of every token. On a backbone that could not be cut into stages, only the final stitch remains.
 
     Cut: the trunk is the T networks and the stage stitches; the shared tensor is the stacked pooled
     features (B, T, D) before the final stitch. The final stitch and the heads are downstream, so each
@@ -88,7 +93,7 @@ class CrossStitch(Architecture):
         nets = self.networks()
         xs = [net.stem(x) for net in nets]
         for j, alpha in enumerate(self.stitches):
-            xs = stitch(alpha, [net.stages[j](h) for net, h in zip(nets, xs)])
+            xs = stitch(alpha, [net.stages[j](h) for net, h in zip(nets, xs)], self.backbone.channel_dim)
         trunk = torch.stack([net.pool(h) for net, h in zip(nets, xs)], 1)
         (shared,) = self.cut(trunk, split=split)
         mixed = stitch(self.final_stitch, shared.unbind(1))

@@ -9,6 +9,11 @@ to a vector in R^D (D = backbone.out_dim); a gate reads the global-average-poole
 GAP(h(x)) in R^C (features, not pixels) and gives one weight per expert; heads read the gated mixture
 of expert outputs, in R^D.
 
+Token backbones (vision transformers): a stage is a group of consecutive transformer blocks, so the
+shared bottom is the patch and position embedding plus the first `split` groups, h(x) a token sequence
+(B, N, C); every expert is a re-initialised copy of the remaining blocks, the final norm and the pooling
+(class token or token mean, as the model pools); the gates read the mean token of h(x).
+
 Shared representation (see `Architecture.cut`): everything upstream of the shared tensors is trunk
 (`shared_parameters()`): whatever reaches more than one task's loss, and in PLE also the task gates of the
 levels below the last, whose outputs are shared tensors; the tensors the trunk hands to task-specific
@@ -56,19 +61,9 @@ def _resolve_split(split: Optional[int], n_stages: int, default: int) -> int:
     return split
 
 
-def _in_channels(stage: nn.Module) -> int:
-    """Input channels of a backbone stage: those of its first Conv2d."""
-    conv = next((m for m in stage.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ConfigError(f"{WHERE}: the mixture-of-experts architectures need convolutional backbone stages "
-                          f"(no Conv2d found in {type(stage).__name__})")
-    return conv.in_channels
-
-
 def _bottom(backbone: Backbone, split: int) -> Backbone:
     """The shared bottom: stem + stages[:split], no pool; its `out_dim` is its output channels."""
-    bottom = Backbone(backbone.stem, list(backbone.stages[:split]), nn.Identity(), _in_channels(backbone.stages[split]),
-                      backbone.normalization)
+    bottom = backbone.bottom(split)
     if not any(True for _ in bottom.parameters()):
         raise ConfigError(f"{WHERE}.split: {split} leaves the shared bottom without parameters (this backbone's stem "
                           "has none), so the gates would read raw pixels; use split >= 1")
@@ -96,8 +91,9 @@ def _run_experts(experts: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(h: torch.Tensor) -> torch.Tensor:
-    """Gate input: global average pool of a feature map (B, C, H, W) -> (B, C)."""
-    return h.mean((2, 3))
+    """Gate input: global average pool of a feature map (B, C, H, W), or mean of a token sequence (B, N, C),
+    -> (B, C)."""
+    return h.mean((2, 3)) if h.ndim == 4 else h.mean(1)
 
 
 def _mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -217,6 +213,7 @@ class _GatedExperts(_MixtureOfExperts):
 
     def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, experts: int, split: Optional[int],
                  gate: Callable[[int], nn.Module]) -> None:
+        backbone.require_stages(type(self).__name__)
         split = _resolve_split(split, len(backbone.stages), len(backbone.stages) - 1)
         bottom = _bottom(backbone, split)
         super().__init__(bottom, tasks)
@@ -325,6 +322,7 @@ class _Extraction(_MixtureOfExperts):
 
     def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, levels: int, task_experts: int,
                  shared_experts: int, split: Optional[int]) -> None:
+        backbone.require_stages(type(self).__name__)
         n = len(backbone.stages)
         if levels > n:
             raise ConfigError(f"{WHERE}.levels: expected at most {n} (one backbone stage per level), got {levels}")
@@ -337,9 +335,10 @@ class _Extraction(_MixtureOfExperts):
         bounds = [split + j * q + min(j, r) for j in range(levels + 1)]
         groups = [list(backbone.stages[a:b]) for a, b in zip(bounds, bounds[1:])]
         groups[-1].append(backbone.pool)
+        channels = backbone.channels()  # channels[b]: the input channels of stage b
         self.levels = nn.ModuleList([
-            _ExtractionLevel(group, _in_channels(group[0]), len(tasks), task_experts, shared_experts,
-                             shared_gate=j < levels - 1) for j, group in enumerate(groups)])
+            _ExtractionLevel(group, channels[b], len(tasks), task_experts, shared_experts,
+                             shared_gate=j < levels - 1) for j, (group, b) in enumerate(zip(groups, bounds))])
         self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
 
     def shared_parameters(self) -> list[nn.Parameter]:

@@ -36,6 +36,18 @@ def _extractor(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
+def _token_attention(in_channels: int, mid: int, out_channels: int) -> nn.Sequential:
+    """h(g(.)) on tokens (B, N, C): the same per-position layers, Linear + LayerNorm in place of 1x1 conv + BN."""
+    return nn.Sequential(nn.Linear(in_channels, mid, bias=False), nn.LayerNorm(mid), nn.ReLU(inplace=True),
+                         nn.Linear(mid, out_channels, bias=False), nn.LayerNorm(out_channels), nn.Sigmoid())
+
+
+def _token_extractor(in_channels: int, out_channels: int) -> nn.Sequential:
+    """f on tokens: Linear + LayerNorm + ReLU per token (the blocks themselves mix the tokens)."""
+    return nn.Sequential(nn.Linear(in_channels, out_channels, bias=False), nn.LayerNorm(out_channels),
+                         nn.ReLU(inplace=True))
+
+
 @ARCHITECTURES.register("mtan", params=MtanParams)
 class Mtan(Architecture):
     r"""MTAN (Liu, Johns & Davison, CVPR 2019): per-task attention masks over every backbone stage.
@@ -53,6 +65,11 @@ class Mtan(Architecture):
     block's first layer and masks the last one, p^j); the stage channel counts are probed with one
     dummy forward, so any registered backbone works.
 
+    Token backbones (vision transformers, stage outputs (B, N, C) with N constant): a stage is a group
+    of consecutive blocks; g and h are per-token Linear + LayerNorm (the 1x1 convolutions' analogue), so
+    each task's mask weighs every channel of every token, class token included; f is a per-token
+    Linear + LayerNorm + ReLU and needs no pooling (N does not change).
+
     Pooling: the backbone's own `pool` is applied to each task's attended map (parameter-free for
     ResNet; smallcnn's pool ends in a Linear layer, which the tasks share, like f), so the feature
     vector the heads read has the backbone's `out_dim` and the model adds only the attention modules
@@ -65,11 +82,14 @@ class Mtan(Architecture):
 
     def __init__(self, p: MtanParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks)
+        backbone.require_stages("mtan")
         channels = backbone.stage_channels()
+        spatial = backbone.layout == "spatial"
+        attention, extractor = (_attention, _extractor) if spatial else (_token_attention, _token_extractor)
         self.attention = nn.ModuleList([
-            nn.ModuleList([_attention(c if j == 0 else 2 * c, max(1, c // p.reduction), c) for _ in tasks])
+            nn.ModuleList([attention(c if j == 0 else 2 * c, max(1, c // p.reduction), c) for _ in tasks])
             for j, c in enumerate(channels)])
-        self.extractors = nn.ModuleList([_extractor(cin, cout) for cin, cout in zip(channels, channels[1:])])
+        self.extractors = nn.ModuleList([extractor(cin, cout) for cin, cout in zip(channels, channels[1:])])
         self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -89,9 +109,9 @@ class Mtan(Architecture):
                 attended = [mask(feat) * feat for mask in masks]
                 continue
             prev = [self.extractors[j - 1](a) for a in attended]
-            if prev[0].shape[-2:] != feat.shape[-2:]:
+            if self.backbone.layout == "spatial" and prev[0].shape[-2:] != feat.shape[-2:]:
                 prev = [F.adaptive_max_pool2d(a, feat.shape[-2:]) for a in prev]
-            attended = [mask(torch.cat([feat, a], 1)) * feat for mask, a in zip(masks, prev)]
+            attended = [mask(torch.cat([feat, a], self.backbone.channel_dim)) * feat for mask, a in zip(masks, prev)]
         logits = {name: head(self.backbone.pool(a))
                   for name, head, a in zip(self.task_names, self.heads, attended)}
         return ModelOutput(logits, shared, tuple(trunk))

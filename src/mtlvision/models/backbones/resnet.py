@@ -11,6 +11,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from ...errors import ConfigError
 from ...registry import BACKBONES
 from .base import Backbone, Normalization
+from .weights import torchvision_state_dict
 
 
 @dataclasses.dataclass
@@ -81,9 +82,13 @@ def resnet18(p: ResNetParams, in_channels: int, image_size: int, load_weights: b
     if p.pretrained:
         weights = ResNet18_Weights.IMAGENET1K_V1
         if load_weights:
-            net.load_state_dict(weights.get_state_dict(progress=True))
+            net.load_state_dict(torchvision_state_dict(weights, "model.backbone.pretrained"))
         t = weights.transforms()
         norm = Normalization(tuple(t.mean), tuple(t.std), "torchvision ResNet18_Weights.IMAGENET1K_V1")
+    return Backbone(*resnet_parts(net), net.out_dim, norm, input_shape=(in_channels, image_size))
+
+
+def resnet_parts(net: ResNet) -> tuple[nn.Module, list[nn.Module], nn.Module]:
+    """stem (conv1, bn1, relu, maxpool), stages (layer1..layer4) and pool of a torchvision ResNet."""
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Backbone(stem, [net.layer1, net.layer2, net.layer3, net.layer4], pool, net.out_dim, norm)
+    return stem, [net.layer1, net.layer2, net.layer3, net.layer4], nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -31,4 +31,4 @@ def smallcnn(p: SmallCnnParams, in_channels: int, image_size: int, load_weights:
               nn.Sequential(nn.MaxPool2d(2), _conv_block(2 * w, 4 * w))]
     pool = nn.Sequential(nn.AdaptiveAvgPool2d(p.pooled_size), nn.Flatten(), nn.Dropout(p.dropout),
                          nn.Linear(4 * w * p.pooled_size**2, p.out_dim), nn.ReLU(inplace=True))
-    return Backbone(stem, stages, pool, p.out_dim)
+    return Backbone(stem, stages, pool, p.out_dim, input_shape=(in_channels, image_size))
