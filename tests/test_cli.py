@@ -111,3 +111,11 @@ def test_demo_runs_offline(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["tasks"]) == {"shape", "colour", "size", "position"}
     assert summary["tasks"]["position"]["test"]["accuracy"] > 0.9
+
+
+def test_methods_command_lists_every_method_with_its_cost(capsys):
+    from mtlvision.registry import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in METHODS.names()) and "cost per step" in out

@@ -182,7 +182,7 @@ def test_disk_full_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypat
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode, **kw: Full(real_fdopen(fd, mode, **kw)))
     with pytest.raises(MTLVisionError, match=r"checkpoint.pt: cannot write it, the disk is full.*previous version "
                                              r"is unchanged"):
         storage.save_torch(target, {"a": torch.ones(10000)})

@@ -149,6 +149,25 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class FinetuneConfig:
+    """Fine-tuning controls for pretrained backbones (they apply to any backbone)."""
+
+    backbone_lr: float = 1.0  # learning-rate multiplier of the backbone's parameters against the rest
+    layer_decay: Optional[float] = None  # per backbone layer from the top: lr * decay ** (layers - 1 - depth)
+    freeze_backbone_epochs: int = 0  # first N epochs: backbone frozen and in eval mode (a linear probe)
+    freeze_bn: bool = False  # BatchNorm layers in eval mode throughout (statistics frozen, affine weights train)
+    ema: Optional[float] = None  # decay of an exponential moving average of the weights, evaluated and saved
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.backbone_lr <= FLOAT32_MAX, "finetune.backbone_lr", ">= 0", self.backbone_lr)
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, "finetune.layer_decay", "in (0, 1] or null",
+               self.layer_decay)
+        _check(self.freeze_backbone_epochs >= 0, "finetune.freeze_backbone_epochs", ">= 0",
+               self.freeze_backbone_epochs)
+        _check(self.ema is None or 0 < self.ema < 1, "finetune.ema", "in (0, 1) or null", self.ema)
+
+
+@dataclasses.dataclass
 class BaselineConfig:
     single_task: bool = False  # also train one single-task model per task with the same budget
     runs: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> STL run dir, for delta_m
@@ -163,6 +182,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     balancing: MethodSpec = DEFAULT_METHOD
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     baselines: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
@@ -170,6 +190,8 @@ class Config:
             raise ConfigError(f"name: {self.name!r} is not allowed: a run name is one folder name under runs/ "
                               "(no '/', '\\', control characters, '.' or '..'); give --out for another place")
         self.balancing = METHODS.spec(self.balancing, "balancing")
+        _check(self.finetune.freeze_backbone_epochs <= self.train.epochs, "finetune.freeze_backbone_epochs",
+               f"at most train.epochs ({self.train.epochs})", self.finetune.freeze_backbone_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

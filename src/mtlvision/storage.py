@@ -69,7 +69,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     recorder: Optional[_Recorder] = None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; written files get the usual permissions
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             recorder = _Recorder(f)
             write(recorder)
             f.flush()

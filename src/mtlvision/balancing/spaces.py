@@ -118,7 +118,9 @@ class FeatureSpace(GradientSpace):
     def apply(self, update: torch.Tensor, ctx: StepContext) -> None:
         shared = ctx.shared
         parts = update.view(len(shared[0]), -1).split([s[0].numel() for s in shared], 1)
-        torch.autograd.backward(list(ctx.trunk), [u.reshape(s.shape).to(s.dtype) for u, s in zip(parts, ctx.trunk)])
+        pairs = [(t, u.reshape(t.shape).to(t.dtype)) for u, t in zip(parts, ctx.trunk) if t.requires_grad]
+        if pairs:  # nothing to reach when the whole trunk is frozen (finetune.freeze_backbone_epochs)
+            torch.autograd.backward([t for t, _ in pairs], [u for _, u in pairs])
 
 
 class ParameterSpace(GradientSpace):
@@ -130,7 +132,7 @@ class ParameterSpace(GradientSpace):
         shared_params = [p for p in ctx.shared_params if p.requires_grad]
         matrix, task_params, task_grads = per_task_grads(
             objectives, shared_params, ctx, retain_last=False,
-            flatten=lambda grads: torch.cat([g.reshape(-1) for g in grads]))
+            flatten=lambda grads: torch.cat([g.reshape(-1) for g in grads]) if grads else objectives[0].new_zeros(0))
         return Jacobian(ctx.mean_over_ranks(matrix), task_params, task_grads)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..errors import MTLVisionError
 from ..rundir import RunDir
+from ..storage import atomic_write, write_text
 from .tables import print_results, results_table
 
 
@@ -15,8 +16,6 @@ def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = Non
                  device: str = "cpu") -> dict[str, Path]:
     """Report a run directory (config.yaml) or a bench directory (results.csv) into `out`
     (default PATH/report); returns {"html": ..., "markdown": ...}. Plotting modules load only here."""
-    from .document import write_report as write
-
     src = Path(path)
     if not src.is_dir():
         raise MTLVisionError(f"{src}: no such directory")
@@ -24,12 +23,25 @@ def write_report(path: str | os.PathLike, out: Optional[str | os.PathLike] = Non
     if (src / "results.csv").is_file():
         from .bench_report import build_bench_report
 
-        return write(build_bench_report(src, dest), dest)
+        return _write_pages(build_bench_report(src, dest), dest)
     if RunDir(src).is_run():
         from .run_report import build_run_report
 
-        return write(build_run_report(src, device), dest)
+        return _write_pages(build_run_report(src, device), dest)
     raise MTLVisionError(f"{src}: neither a run directory (no config.yaml) nor a bench directory (no results.csv)")
+
+
+def _write_pages(report, out: Path) -> dict[str, Path]:
+    """out/report.html (self-contained), out/report.md and its PNGs, each written atomically."""
+    from .document import figure_files, render_markdown
+    from .html import render_html
+
+    files = figure_files(report)
+    for fig in report.figures():
+        atomic_write(out / files[id(fig)], lambda f, png=fig.png: f.write(png))
+    write_text(out / "report.md", render_markdown(report, files))
+    write_text(out / "report.html", render_html(report))
+    return {"html": out / "report.html", "markdown": out / "report.md"}
 
 
 __all__ = ["print_results", "results_table", "write_report"]

@@ -1,13 +1,13 @@
 """A report as plain data (sections of text, tables, figures), written as report.html and report.md.
 
-Builders (run_report, bench_report) produce a `Report`; `write_report` renders it twice: a
-self-contained HTML page with the PNGs inlined, and Markdown that references PNG files beside it.
+Builders (run_report, bench_report) produce a `Report`; `reports.write_report` renders it twice: a
+self-contained HTML page with the PNGs inlined (html.py), and Markdown that references PNG files beside it
+(`render_markdown`, here).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Union
 
 
@@ -127,19 +127,3 @@ def render_markdown(report: Report, files: dict[int, str]) -> str:
                 lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
                 lines += ["", f"*{b.caption}*", ""] if b.caption else [""]
     return "\n".join(lines)
-
-
-def write_report(report: Report, out: Path) -> dict[str, Path]:
-    """Write out/report.html (self-contained), out/report.md and its PNGs; returns the two page paths.
-
-    Plain writes (not the checkpoints' atomic ones, which create owner-only temp files): report files are
-    regenerable and meant to be shared, so they get the usual permissions."""
-    from .html import render_html
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = figure_files(report)
-    for fig in report.figures():
-        (out / files[id(fig)]).write_bytes(fig.png)
-    (out / "report.md").write_text(render_markdown(report, files), encoding="utf-8")
-    (out / "report.html").write_text(render_html(report), encoding="utf-8")
-    return {"html": out / "report.html", "markdown": out / "report.md"}

@@ -24,6 +24,7 @@ from ..data.stream import StreamLoader
 from ..errors import ConfigError
 from ..models import Architecture, ModelOutput, build_model
 from ..tasks import Task
+from .finetune import FineTuning
 from .optim import build_optimizer, build_scheduler
 from .runtime import Runtime
 
@@ -48,6 +49,7 @@ class Parts:
     val_sets: Split
     test_sets: Split
     steps: int  # optimisation steps per epoch
+    finetune: FineTuning  # backbone freezing, frozen BatchNorm statistics, EMA of the weights
     shared_params: list[torch.nn.Parameter]
     task_params: list[torch.nn.Parameter]
     averaged: list[torch.nn.Parameter]  # gradients averaged over ranks after each backward
@@ -67,12 +69,13 @@ def input_spec(data: DataBundle, model: Architecture) -> dict[str, Any]:
             "normalization": "dataset statistics (training images)"}
 
 
-def assemble(cfg: Config, rt: Runtime) -> Parts:
-    """Build data, model, balancer, optimiser, schedule and loaders for `cfg` on the runtime's device."""
+def assemble(cfg: Config, rt: Runtime, load_weights: bool = True) -> Parts:
+    """Build data, model, balancer, optimiser, schedule and loaders for `cfg` on the runtime's device
+    (`load_weights=False`: a pretrained backbone without its weights, which a checkpoint replaces)."""
     tc, d, device = cfg.train, cfg.data, rt.device
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
-    model = build_model(cfg.model, data.tasks, data.image_shape).to(device)
+    model = build_model(cfg.model, data.tasks, data.image_shape, load_weights=load_weights).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     balancer = build_balancer(cfg.balancing, data.tasks).to(device)
@@ -100,7 +103,10 @@ def assemble(cfg: Config, rt: Runtime) -> Parts:
     shared, task = model.shared_parameters(), model.task_parameters()
     # gradients averaged over ranks after each backward (not the trunk's when the method did it)
     averaged = [*task, *balancer.parameters(), *([] if balancer.shared_grads_reduced else shared)]
-    optimizer = build_optimizer(tc, model, list(balancer.parameters()))
+    if balancer.needs_probe and any(g.streamed is not None for g in data.groups):
+        raise ConfigError(f"balancing.method: {cfg.balancing.name!r} draws extra mini-batches, which a training "
+                          "split streamed from shards (stream: true) cannot give; decode it into the cache instead")
+    optimizer = build_optimizer(tc, model, list(balancer.parameters()), cfg.finetune)
     scheduler = build_scheduler(tc, optimizer, steps)
     return Parts(cfg, data, data.tasks, model, forward, balancer, optimizer, scheduler, loaders, normalize, spec,
-                 val_sets, test_sets, steps, shared, task, averaged)
+                 val_sets, test_sets, steps, FineTuning(cfg.finetune, model), shared, task, averaged)

@@ -21,7 +21,7 @@ KEYS = ("epoch", "wall_time_s", "best", "config", "tasks", "input", "model", "op
 
 
 def best_state(tr: "Trainer", epoch: int) -> dict[str, Any]:
-    return {"model": tr.model.state_dict(), "epoch": epoch, "tasks": [t.to_dict() for t in tr.tasks],
+    return {"model": tr.eval_model.state_dict(), "epoch": epoch, "tasks": [t.to_dict() for t in tr.tasks],
             "input": tr.parts.input_spec, "config": tr.cfg.to_dict()}
 
 
@@ -35,6 +35,7 @@ def capture(tr: "Trainer", epoch: int, wall: float) -> dict[str, Any]:
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if tr.device.type == "cuda" else []},
         "callbacks": {cb.key: cb.state_dict() for cb in tr.callbacks if cb.key},
+        "finetune": tr.parts.finetune.state_dict(),
     }
 
 
@@ -59,6 +60,7 @@ def restore(tr: "Trainer") -> None:
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from None
     tr.scheduler.load_state_dict(ckpt["scheduler"])
+    tr.parts.finetune.load_state_dict(ckpt.get("finetune", {}))
     tr.balancer.load_extra_state(ckpt["balancer_extra"])
     for cb in tr.callbacks:
         if cb.key:
@@ -104,6 +106,9 @@ def describe(tr: "Trainer") -> str:
              f"{sum(len(g.val) for g in groups)} val / {sum(len(g.test) for g in groups)} test images  |  "
              f"device {tr.device}" + (f" x {tr.dist.world_size} ranks" if tr.dist.active else ""),
              f"input normalisation: {tr.parts.input_spec.get('normalization')}"]
+    report = getattr(tr.model.backbone, "weights_report", None)
+    if report is not None:
+        lines.append(f"backbone weights: {report.summary()}")
     for name, size in _effective_batches(tr).items():
         lines.append(f"note: input {name!r} has fewer training images than data.batch_size "
                      f"{tr.cfg.data.batch_size}: its batches have {size} (recorded in summary.json)")

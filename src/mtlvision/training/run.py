@@ -38,7 +38,7 @@ def build_trainer(cfg: Config, out_dir: str | os.PathLike, resume: bool = False,
         own = restarted and rt.dist.any_rank(rt.dist.is_main and run.written_by(distributed.job_id()), rt.device)
         if not own:
             run.refuse_if_used()
-    parts = assemble(cfg, rt)
+    parts = assemble(cfg, rt, load_weights=not resume)  # resuming: the checkpoint has the weights
     return Trainer(parts, rt, run, [Telemetry(str(run.tb_path)), *callbacks], resume=resume, quiet=quiet)
 
 

@@ -85,6 +85,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        p.finetune.after_step()
         return losses, logits, weights
 
     def train_step(self, epoch: int, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
@@ -98,7 +99,7 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[Metrics, float]:
-        self.model.train()
+        self.parts.finetune.start_epoch(epoch)
         names = [t.name for t in self.tasks]
         # running (loss sum, correct, labelled count) per task, and the step at which each task's loss first
         # became NaN/inf (-1: never): all on the device, read only at log points
@@ -150,7 +151,7 @@ class Trainer:
     def _check_finite(self, epoch: int, val: Metrics) -> None:
         """Before anything of this epoch is written: every parameter and validation loss must be finite (the
         training losses are checked at log points, but not the update of the epoch's last step)."""
-        params = [p for p in self.model.parameters()] + list(self.balancer.parameters())
+        params = [*self.model.parameters(), *self.eval_model.parameters(), *self.balancer.parameters()]
         bad_params = not bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
         bad_val = [n for n, m in val.items() if not math.isfinite(m.get("loss", 0.0))]
         if bad_params or bad_val:
@@ -158,8 +159,13 @@ class Trainer:
             raise TrainingDiverged(f"{what} became NaN/inf in epoch {epoch + 1}; stopped before saving it. "
                                    f"{self._kept()} (try a lower train.lr or train.grad_clip)")
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validation, model selection and best.pt use (the EMA's with `finetune.ema`)."""
+        return self.parts.finetune.eval_model
+
     def evaluate(self, splits: Split) -> Metrics:
-        return evaluate(self.model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
+        return evaluate(self.eval_model, splits, self.tasks, self.normalize, self.cfg.data.eval_batch_size,
                         self.rt.autocast, (self.dist.rank, self.dist.world_size),
                         self.dist.all_reduce if self.dist.active else None)
 
@@ -191,7 +197,8 @@ class Trainer:
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 train_stats, rate = self.train_epoch(epoch)
                 self.balancer.epoch_end(epoch, {n: s["loss"] for n, s in train_stats.items()})
-                self.dist.average_buffers(self.model)
+                for module in {id(m): m for m in (self.model, self.eval_model)}.values():
+                    self.dist.average_buffers(module)
                 val = self.evaluate(self.parts.val_sets)
                 self._check_finite(epoch, val)
                 score = self.score(val)
@@ -224,7 +231,7 @@ class Trainer:
     def finish(self, wall: float) -> dict[str, Any]:
         """Evaluate the best (validation-selected) weights on val and test; write summary.json."""
         best = self.run.load_best()
-        self.model.load_state_dict(best["model"])
+        self.eval_model.load_state_dict(best["model"])
         val, test = self.evaluate(self.parts.val_sets), self.evaluate(self.parts.test_sets)
         rates = [m["images_per_s"] for m in self.run.metrics() if m.get("images_per_s")]
         summary: dict[str, Any] = {

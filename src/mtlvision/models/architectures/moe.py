@@ -1,4 +1,5 @@
-r"""Mixture-of-experts architectures on any registered backbone: MMoE, CGC, PLE and DSelect-k.
+r"""Mixture-of-experts architectures on any registered backbone: MMoE and DSelect-k here, CGC and PLE in
+extraction.py, with the parts the four share.
 
 Image design, shared by the four: the backbone's `stem` and first `split` stages form a shared
 bottom h(x) (a feature map); every expert is an independently re-initialised copy of the remaining
@@ -46,12 +47,12 @@ from .base import ARCHITECTURES, Architecture, ModelOutput
 WHERE = "model.architecture"
 
 
-def _at_least(name: str, value: int, low: int) -> None:
+def at_least(name: str, value: int, low: int) -> None:
     if value < low:
         raise ConfigError(f"{WHERE}.{name}: expected an integer >= {low}, got {value}")
 
 
-def _resolve_split(split: Optional[int], n_stages: int, default: int) -> int:
+def resolve_split(split: Optional[int], n_stages: int, default: int) -> int:
     """Number of backbone stages in the shared bottom: 0 <= split < n_stages (one stage at least is left
     for the experts); None means `default`."""
     split = default if split is None else split
@@ -61,7 +62,7 @@ def _resolve_split(split: Optional[int], n_stages: int, default: int) -> int:
     return split
 
 
-def _bottom(backbone: Backbone, split: int) -> Backbone:
+def shared_bottom(backbone: Backbone, split: int) -> Backbone:
     """The shared bottom: stem + stages[:split], no pool; its `out_dim` is its output channels."""
     bottom = backbone.bottom(split)
     if not any(True for _ in bottom.parameters()):
@@ -80,23 +81,23 @@ def _fresh_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _experts(parts: list[nn.Module], n: int) -> nn.ModuleList:
+def expert_copies(parts: list[nn.Module], n: int) -> nn.ModuleList:
     """`n` experts, each a fresh copy of the modules `parts` in sequence."""
     return nn.ModuleList([nn.Sequential(*(_fresh_copy(p) for p in parts)) for _ in range(n)])
 
 
-def _run_experts(experts: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+def run_experts(experts: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
     """Stacked expert outputs (B, n, ...)."""
     return torch.stack([e(x) for e in experts], 1)
 
 
-def _pool(h: torch.Tensor) -> torch.Tensor:
+def gap(h: torch.Tensor) -> torch.Tensor:
     """Gate input: global average pool of a feature map (B, C, H, W), or mean of a token sequence (B, N, C),
     -> (B, C)."""
     return h.mean((2, 3)) if h.ndim == 4 else h.mean(1)
 
 
-def _mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """sum_i w_i E_i: weights (B, n), experts (B, n, ...) -> (B, ...)."""
     return torch.einsum("bn,bn...->b...", weights.to(experts.dtype), experts)
 
@@ -177,7 +178,7 @@ class DSelectKGate(nn.Module):
         return weights
 
 
-class _MixtureOfExperts(Architecture):
+class MixtureOfExperts(Architecture):
     """Base: forward and `gate_weights` from one `_run`; gate parameters are not weight-decayed."""
 
     @property
@@ -208,16 +209,16 @@ class _MixtureOfExperts(Architecture):
                 m.training = training
 
 
-class _GatedExperts(_MixtureOfExperts):
+class _GatedExperts(MixtureOfExperts):
     """K experts shared by every task, one gate per task on GAP(h(x)): MMoE and DSelect-k."""
 
     def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, experts: int, split: Optional[int],
                  gate: Callable[[int], nn.Module]) -> None:
         backbone.require_stages(type(self).__name__)
-        split = _resolve_split(split, len(backbone.stages), len(backbone.stages) - 1)
-        bottom = _bottom(backbone, split)
+        split = resolve_split(split, len(backbone.stages), len(backbone.stages) - 1)
+        bottom = shared_bottom(backbone, split)
         super().__init__(bottom, tasks)
-        self.experts = _experts([*backbone.stages[split:], backbone.pool], experts)
+        self.experts = expert_copies([*backbone.stages[split:], backbone.pool], experts)
         self.gates = nn.ModuleList([gate(bottom.out_dim) for _ in tasks])
         self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
 
@@ -226,10 +227,10 @@ class _GatedExperts(_MixtureOfExperts):
 
     def _run(self, x: torch.Tensor, split: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
         h = self.backbone(x)
-        trunk = (_pool(h), _run_experts(self.experts, h))
+        trunk = (gap(h), run_experts(self.experts, h))
         gate_in, experts = self.cut(*trunk, split=split)
         gates = {name: gate(gate_in) for name, gate in zip(self.task_names, self.gates)}
-        logits = {name: head(_mix(gates[name], experts)) for name, head in zip(self.task_names, self.heads)}
+        logits = {name: head(mix(gates[name], experts)) for name, head in zip(self.task_names, self.heads)}
         return ModelOutput(logits, (gate_in, experts), trunk), gates
 
 
@@ -239,7 +240,7 @@ class MMoEParams:
     split: Optional[int] = None  # backbone stages in the shared bottom; None: all but the last
 
     def __post_init__(self) -> None:
-        _at_least("experts", self.experts, 1)
+        at_least("experts", self.experts, 1)
 
 
 @ARCHITECTURES.register("mmoe", params=MMoEParams)
@@ -292,132 +293,3 @@ class DSelectK(_GatedExperts):
     def __init__(self, p: DSelectKParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
         super().__init__(backbone, tasks, head, p.experts, p.split,
                          lambda c: DSelectKGate(c, p.experts, p.k, p.gamma, p.entropy_reg))
-
-
-class _ExtractionLevel(nn.Module):
-    """One extraction network: `task_experts` experts per task and `shared_experts` shared ones, a gate
-    per task over [its own experts, the shared experts], and (below the last level) a shared gate over
-    all experts."""
-
-    def __init__(self, parts: list[nn.Module], in_channels: int, tasks: int, task_experts: int,
-                 shared_experts: int, shared_gate: bool) -> None:
-        super().__init__()
-        self.task_experts = nn.ModuleList([_experts(parts, task_experts) for _ in range(tasks)])
-        self.shared_experts = _experts(parts, shared_experts)
-        self.task_gates = nn.ModuleList([SoftmaxGate(in_channels, task_experts + shared_experts)
-                                         for _ in range(tasks)])
-        self.shared_gate = SoftmaxGate(in_channels, tasks * task_experts + shared_experts) if shared_gate else None
-
-    def tasks(self, inputs: list[torch.Tensor], shared: torch.Tensor,
-              ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per task: its experts' stacked outputs, its gate weights and its mixture g^k = w^k S^k."""
-        own = [_run_experts(experts, x) for x, experts in zip(inputs, self.task_experts)]
-        weights = [gate(_pool(x)) for x, gate in zip(inputs, self.task_gates)]
-        mixed = [_mix(w, torch.cat([o, shared], 1)) for w, o in zip(weights, own)]
-        return own, weights, mixed
-
-
-class _Extraction(_MixtureOfExperts):
-    """Task-specific and shared experts in `levels` extraction networks: CGC (one level) and PLE."""
-
-    def __init__(self, backbone: Backbone, tasks: list[Task], head: Spec, levels: int, task_experts: int,
-                 shared_experts: int, split: Optional[int]) -> None:
-        backbone.require_stages(type(self).__name__)
-        n = len(backbone.stages)
-        if levels > n:
-            raise ConfigError(f"{WHERE}.levels: expected at most {n} (one backbone stage per level), got {levels}")
-        split = _resolve_split(split, n, n - levels)
-        if levels > n - split:
-            raise ConfigError(f"{WHERE}.levels: expected at most len(stages) - split = {n - split} (one stage "
-                              f"per level), got {levels}")
-        super().__init__(_bottom(backbone, split), tasks)
-        q, r = divmod(n - split, levels)  # consecutive stage groups, the first r one stage longer
-        bounds = [split + j * q + min(j, r) for j in range(levels + 1)]
-        groups = [list(backbone.stages[a:b]) for a, b in zip(bounds, bounds[1:])]
-        groups[-1].append(backbone.pool)
-        channels = backbone.channels()  # channels[b]: the input channels of stage b
-        self.levels = nn.ModuleList([
-            _ExtractionLevel(group, channels[b], len(tasks), task_experts, shared_experts,
-                             shared_gate=j < levels - 1) for j, (group, b) in enumerate(zip(groups, bounds))])
-        self.heads = nn.ModuleList([build_head(head, backbone.out_dim, t.num_classes) for t in tasks])
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return [*self.backbone.parameters(), *self.levels[:-1].parameters(),
-                *self.levels[-1].shared_experts.parameters()]
-
-    def _run(self, x: torch.Tensor, split: bool = False) -> tuple[ModelOutput, dict[str, torch.Tensor]]:
-        h = self.backbone(x)
-        n_tasks, gates = len(self.task_names), {}
-        inputs, shared_in = [h] * n_tasks, h
-        for j, level in enumerate(self.levels[:-1], 1):
-            shared = _run_experts(level.shared_experts, shared_in)
-            own, weights, inputs = level.tasks(inputs, shared)
-            w_shared = level.shared_gate(_pool(shared_in))
-            shared_in = _mix(w_shared, torch.cat([*own, shared], 1))
-            gates.update({f"level{j}/{name}": w for name, w in zip(self.task_names, weights)})
-            gates[f"level{j}/(shared)"] = w_shared
-        last = self.levels[-1]
-        trunk = ((h,) if len(self.levels) == 1 else tuple(inputs)) + (_run_experts(last.shared_experts, shared_in),)
-        cut = self.cut(*trunk, split=split)
-        inputs = [cut[0]] * n_tasks if len(self.levels) == 1 else list(cut[:-1])
-        _, weights, mixed = last.tasks(inputs, cut[-1])
-        gates.update(zip(self.task_names, weights))
-        logits = {name: head(m) for name, head, m in zip(self.task_names, self.heads, mixed)}
-        return ModelOutput(logits, cut, trunk), gates
-
-
-@dataclasses.dataclass
-class CGCParams:
-    shared_experts: int = 2  # m_s
-    task_experts: int = 1  # m_k, per task
-    split: Optional[int] = None  # backbone stages in the shared bottom; None: all but the last
-
-    def __post_init__(self) -> None:
-        _at_least("shared_experts", self.shared_experts, 1)
-        _at_least("task_experts", self.task_experts, 1)
-
-
-@ARCHITECTURES.register("cgc", params=CGCParams)
-class CGC(_Extraction):
-    r"""CGC (Tang et al., RecSys 2020): shared experts plus task-specific ones; each task gates its own and the shared.
-
-        S^k(x) = [E_(k,1), ..., E_(k,m_k), E_(s,1), ..., E_(s,m_s)]     expert outputs on h(x)
-        g^k(x) = softmax(W_g^k GAP(h(x))) S^k(x),   y_k = head_k(g^k(x))
-
-    Unlike LibMTL's CGC (whose task experts of one task are one module repeated), every expert here has
-    its own parameters.
-    """
-
-    def __init__(self, p: CGCParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
-        super().__init__(backbone, tasks, head, 1, p.task_experts, p.shared_experts, p.split)
-
-
-@dataclasses.dataclass
-class PLEParams:
-    levels: int = 2  # extraction networks; the backbone stages above `split` are divided among them
-    shared_experts: int = 2  # m_s per level
-    task_experts: int = 1  # m_k per task and level
-    split: Optional[int] = None  # backbone stages in the shared bottom; None: len(stages) - levels
-
-    def __post_init__(self) -> None:
-        _at_least("levels", self.levels, 1)
-        _at_least("shared_experts", self.shared_experts, 1)
-        _at_least("task_experts", self.task_experts, 1)
-
-
-@ARCHITECTURES.register("ple", params=PLEParams)
-class PLE(_Extraction):
-    r"""PLE (Tang et al., RecSys 2020): CGC extraction networks stacked, with a shared gate between levels.
-
-        g^{k,j}(x) = w^{k,j}(g^{k,j-1}(x)) S^{k,j}(x)        task k's input to level j+1 (g^{k,0} = h(x))
-        g^{s,j}(x) = w^{s,j}(g^{s,j-1}(x)) S^{s,j}(x)        shared input to level j+1, j < L
-
-    w^{·,j}(z) = softmax(W GAP(z)); S^{k,j} stacks task k's and the shared experts of level j (task k's
-    read g^{k,j-1}, the shared read g^{s,j-1}); S^{s,j} stacks every expert of level j. The experts of
-    level j are copies of the j-th group of consecutive backbone stages above `split` (the last group
-    with the pool); the last level is a CGC without shared gate and y_k = head_k(g^{k,L}). LibMTL's
-    image PLE has no shared gate (its shared experts read each task's input); this follows the paper.
-    """
-
-    def __init__(self, p: PLEParams, backbone: Backbone, tasks: list[Task], head: Spec) -> None:
-        super().__init__(backbone, tasks, head, p.levels, p.task_experts, p.shared_experts, p.split)
