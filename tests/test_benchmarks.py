@@ -55,6 +55,7 @@ COMMANDS = {
     "test_ddp_scaling_smoke": _script("ddp_scaling.py"),
     "test_cifar10_reference_smoke": ([sys.executable, str(BENCH / "cifar10_reference.py"), "--smoke"], {}),
     "test_vs_torchjd_smoke": _script("vs_torchjd.py"),
+    "test_finetune_step_smoke": _script("finetune_step.py"),
     "test_shell_benchmarks_dry_run[gpu_cifar10.sh]": _dry("gpu_cifar10.sh", "--set", "train.epochs=50"),
     "test_shell_benchmarks_dry_run[methods_multimnist.sh]": _dry("methods_multimnist.sh", "equal", "pcgrad", "db_mtl"),
     "test_shell_benchmarks_dry_run[reference_ab.sh]": _dry("reference_ab.sh", "5"),
@@ -147,6 +148,14 @@ def test_cifar10_reference_smoke(smoke_runs, request):
     out = smoke(smoke_runs, request)
     has_keys(out, "test_accuracy", "train_images_per_s", "train_wall_s", "epochs")
     assert out["smoke"] and out["train_images"] == 80
+
+
+def test_finetune_step_smoke(smoke_runs, request):
+    out = smoke(smoke_runs, request)
+    has_keys(out, "model", "ms_per_step", "ratios", "verdicts")
+    assert set(out["ms_per_step"]) == {"plain", "mtl-equal", "mtl-pcgrad", "mtl-mgda"}
+    for fields in out["ratios"].values():
+        has_keys(fields, *RATIO_FIELDS)
 
 
 def test_vs_torchjd_smoke(smoke_runs, request):
