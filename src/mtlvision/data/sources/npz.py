@@ -112,8 +112,8 @@ class NpzSource(Source):
         p, w = self.params, self.where
         train = read_shards(root, p.train_split)
         if p.fold_key is None:
-            for opt in ("val_folds", "train_folds"):
-                if getattr(p, opt):
+            for opt, given in (("val_folds", bool(p.val_folds)), ("train_folds", p.train_folds is not None)):
+                if given:
                     raise ConfigError(f"{w}.{opt}: needs fold_key (the key whose values the folds are)")
             splits = {"train": train, "test": read_shards(root, p.test_split)}
         else:
@@ -122,12 +122,8 @@ class NpzSource(Source):
             splits = {s: sp.take(_kept(sp, p.drop_key)) for s, sp in splits.items()}
         for s, sp in splits.items():
             if not len(sp):
-                how = {"train": f"train_folds {p.train_folds}" if p.train_folds is not None else
-                       "the fold values in neither test_folds nor val_folds",
-                       "val": f"val_folds {p.val_folds}", "test": f"test_folds {p.test_folds}"}[s] if p.fold_key else (
-                    sp.where)
                 dropped = f" once drop_key {p.drop_key!r} dropped rows" if p.drop_key else ""
-                raise DataError(f"{w}: the {s} split ({how}) has no rows{dropped}")
+                raise DataError(f"{w}: the {s} split ({_rows_of(s, sp, p)}) has no rows{dropped}")
         return splits
 
     def load(self) -> SourceData:
@@ -196,6 +192,16 @@ def _fold_splits(train: Split, p: NpzParams, w: str) -> dict[str, Split]:
     if p.val_folds:
         splits["val"] = train.take(is_val)
     return splits
+
+
+def _rows_of(name: str, split: Split, p: NpzParams) -> str:
+    """Which rows make split `name`, for messages: its folds, or its files."""
+    if p.fold_key is None:
+        return split.where
+    if name == "train":
+        return f"train_folds {p.train_folds}" if p.train_folds is not None else (
+            "the fold values in neither test_folds nor val_folds")
+    return f"{name}_folds {p.val_folds if name == 'val' else p.test_folds}"
 
 
 def _values(values: list[int]) -> str:
