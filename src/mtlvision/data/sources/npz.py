@@ -1,8 +1,10 @@
-"""`npz`: shards `SPLIT-*.npz` holding `images` (N,H,W,C uint8) and named label arrays.
+"""`npz`: shards `PREFIX-*.npz` holding `images` (N,H,W,C uint8) and named label arrays.
 
 Named label keys become tasks; class names come from the folder's `meta.json` when present. A task
-can be derived by binning a numeric key (e.g. age -> age groups). Datasets with no official split
-(UTKFace) are split by a fold column.
+can be derived by binning a numeric key (e.g. age -> age groups), or split into one task per group
+(`group_by`, e.g. Omniglot's characters -> one task per alphabet; see npz_groups). A split may merge
+several prefixes (`train_split: [background, evaluation]`). Datasets with no official split (UTKFace,
+Omniglot's drawers) are split by the values of a fold column into train / val / test.
 
 Labels must be integer class indices (-1 = missing): a non-integer value (1.5, NaN) is refused, naming
 the task, key, file, row and value. A task's class count comes from its declaration (`classes` or
@@ -12,7 +14,6 @@ the task, key, file, row and value. A task's class count comes from its declarat
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -22,6 +23,8 @@ from ...errors import ConfigError, DataError
 from ...tasks import MISSING, Task
 from ..arrays import ImageSet, check_labels
 from . import SOURCES, Source, SourceData, existing_path, listing
+from .npz_files import Prefixes, Rows, Split, read_meta, read_shards, read_split  # noqa: F401 (read_split: multimnist)
+from .npz_groups import grouped_tasks
 
 
 @dataclasses.dataclass
@@ -31,89 +34,28 @@ class NpzTask:
     classes: Optional[list[str]] = None  # names of classes 0..K-1; default: meta.json names, else "0".."K-1"
     num_classes: Optional[int] = None  # K, when the classes need no names; default: meta.json, else inferred
     flip_ok: bool = True
+    group_by: Optional[str] = None  # one task per value of this key, classifying `key` within the group
+    groups: Optional[list[Union[int, str]]] = None  # with group_by: the groups (values or meta.json names)
 
 
 @dataclasses.dataclass
 class NpzParams:
     path: str
     tasks: Union[dict[str, NpzTask], list[str]]
-    train_split: str = "train"
-    test_split: str = "test"
-    fold_key: Optional[str] = None  # split train_split's rows by this key instead of using test_split
+    train_split: Prefixes = "train"  # file prefix(es): PREFIX-*.npz, several merged in order
+    test_split: Prefixes = "test"
+    fold_key: Optional[str] = None  # split train_split's rows by this key's values instead of using test_split
     test_folds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    val_folds: list[int] = dataclasses.field(default_factory=list)  # default: data.val_fraction of train
+    train_folds: Optional[list[int]] = None  # default: every value in neither test_folds nor val_folds
     drop_key: Optional[str] = None  # drop rows where this key is true (e.g. is_duplicate)
 
 
-@dataclasses.dataclass
-class _Rows:
-    """Where each row of a (possibly filtered) split comes from, for messages: `rows(i)` is "row R of FILE"."""
-
-    files: list[tuple[Path, int]]  # the split's shards and their row counts, in order
-    index: np.ndarray  # each row's position in the concatenated shards
-
-    def take(self, keep: np.ndarray) -> "_Rows":
-        return _Rows(self.files, self.index[keep])
-
-    def __call__(self, i: int) -> str:
-        ends = np.cumsum([n for _, n in self.files])
-        g = int(self.index[i])
-        k = int(np.searchsorted(ends, g, side="right"))
-        return f"row {g - (int(ends[k - 1]) if k else 0)} of {self.files[k][0]}"
-
-
-def _read_shards(root: Path, split: str) -> tuple[dict[str, np.ndarray], _Rows]:
-    files = sorted(root.glob(f"{split}-*.npz"))
-    if not files:
-        raise DataError(f"{root}: no files {split}-*.npz (found: {sorted(p.name for p in root.glob('*.npz'))})")
-    parts = []
-    for f in files:
-        try:
-            with np.load(f) as z:
-                parts.append({k: z[k] for k in z.files})
-        except Exception as exc:  # zip/pickle errors vary by numpy version
-            raise DataError(f"{f}: cannot read npz shard ({exc})") from None
-        if "images" not in parts[-1]:
-            raise DataError(f"{f}: has no 'images' array (keys: {sorted(parts[-1])})")
-        images = parts[-1]["images"]
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise DataError(f"{f}: 'images' is {images.dtype} {images.shape}; expected uint8 (N,H,W,C)")
-        if set(parts[-1]) != set(parts[0]):
-            raise DataError(f"{f}: keys {sorted(parts[-1])} differ from {files[0]}: {sorted(parts[0])}; "
-                            "expected every shard of a split to hold the same arrays")
-    counts = [len(part["images"]) for part in parts]
-    raw = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
-    return raw, _Rows(list(zip(files, counts)), np.arange(sum(counts)))
-
-
-def read_split(root: Path, split: str) -> dict[str, np.ndarray]:
-    """Every array of a split's shards, concatenated in file order."""
-    return _read_shards(root, split)[0]
-
-
-def _take(raw: dict[str, np.ndarray], rows: _Rows, keep: np.ndarray) -> tuple[dict[str, np.ndarray], _Rows]:
-    return {k: v[keep] for k, v in raw.items()}, rows.take(keep)
-
-
-def _kept(raw: dict[str, np.ndarray], key: str, where: str) -> np.ndarray:
-    """The rows where `raw[key]` is false (drop_key: e.g. duplicates are dropped)."""
-    if key not in raw:
-        raise DataError(f"{where}: drop_key {key!r} is not a key (keys: {sorted(raw)})")
-    return ~raw[key].astype(bool)
-
-
-def _read_meta(root: Path) -> dict[str, dict]:
-    """`label_kinds` of meta.json (key -> {num_classes, names}); empty without the file."""
-    path = root / "meta.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    kinds = meta.get("label_kinds", {}) if isinstance(meta, dict) else None
-    if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
-        raise DataError(f"{path}: expected {{\"label_kinds\": {{key: {{\"num_classes\": K, \"names\": [...]}}}}}}")
-    return kinds
+def _kept(split: Split, key: str) -> np.ndarray:
+    """The rows where `key` is false (drop_key: e.g. duplicates are dropped)."""
+    if key not in split.raw:
+        raise DataError(f"{split.where}: drop_key {key!r} is not a key (keys: {sorted(split.raw)})")
+    return ~split.raw[key].astype(bool)
 
 
 def _bin_labels(values: np.ndarray, bins: list[float]) -> np.ndarray:
@@ -136,7 +78,7 @@ class NpzSource(Source):
         t = self.params.tasks
         return {name: NpzTask() for name in t} if isinstance(t, list) else t
 
-    def _classes(self, name: str, spec: NpzTask, info: dict, train: np.ndarray, at: str, rows: _Rows,
+    def _classes(self, name: str, spec: NpzTask, info: dict, train: np.ndarray, at: str, rows: Rows,
                  ) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]]:
         """A task's class names and the map from its key's values to class indices (`at` names task and key)."""
         key = f"{self.where}.tasks.{name}"
@@ -165,38 +107,102 @@ class NpzSource(Source):
                   f"{key}.num_classes (or classes) to refuse any other value")
         return [str(i) for i in range(n)], _same
 
+    def _splits(self, root: Path) -> dict[str, Split]:
+        """train and test (and val with val_folds) as read, fold-split and filtered by drop_key; none empty."""
+        p, w = self.params, self.where
+        train = read_shards(root, p.train_split)
+        if p.fold_key is None:
+            for opt, given in (("val_folds", bool(p.val_folds)), ("train_folds", p.train_folds is not None)):
+                if given:
+                    raise ConfigError(f"{w}.{opt}: needs fold_key (the key whose values the folds are)")
+            splits = {"train": train, "test": read_shards(root, p.test_split)}
+        else:
+            splits = _fold_splits(train, p, w)
+        if p.drop_key:
+            splits = {s: sp.take(_kept(sp, p.drop_key)) for s, sp in splits.items()}
+        for s, sp in splits.items():
+            if not len(sp):
+                dropped = f" once drop_key {p.drop_key!r} dropped rows" if p.drop_key else ""
+                raise DataError(f"{w}: the {s} split ({_rows_of(s, sp, p)}) has no rows{dropped}")
+        return splits
+
     def load(self) -> SourceData:
         p, w = self.params, self.where
         root = existing_path(p.path, f"{w}.path")
-        meta = _read_meta(root)
-        train_raw, train_rows = _read_shards(root, p.train_split)
-        if p.fold_key:
-            if p.fold_key not in train_raw:
-                raise DataError(f"{root}: fold_key {p.fold_key!r} is not a key (keys: {sorted(train_raw)})")
-            is_test = np.isin(train_raw[p.fold_key], p.test_folds)
-            test_raw, test_rows = _take(train_raw, train_rows, is_test)
-            train_raw, train_rows = _take(train_raw, train_rows, ~is_test)
-        else:
-            test_raw, test_rows = _read_shards(root, p.test_split)
-        # where each split's rows come from (with fold_key, both from train_split), for messages
-        where = {"train": f"{root}/{p.train_split}-*.npz",
-                 "test": f"{root}/{p.train_split if p.fold_key else p.test_split}-*.npz"}
-        if p.drop_key:
-            train_raw, train_rows = _take(train_raw, train_rows, _kept(train_raw, p.drop_key, where["train"]))
-            test_raw, test_rows = _take(test_raw, test_rows, _kept(test_raw, p.drop_key, where["test"]))
-        tasks, train_labels, test_labels = [], {}, {}
+        meta = read_meta(root)
+        splits = self._splits(root)
+        train = splits["train"]
+        tasks: list[Task] = []
+        labels: dict[str, dict[str, np.ndarray]] = {s: {} for s in splits}
+        made: dict[str, str] = {}  # task -> the spec that made it
         for name, spec in self._specs().items():
             key = spec.key or name
-            if key not in train_raw:
+            if key not in train.raw:
                 raise DataError(f"{w}.tasks.{name}: key {key!r} not in {root} "
-                                f"(keys: {sorted(k for k in train_raw if k != 'images')})")
-            if key not in test_raw:
-                raise DataError(f"{w}.tasks.{name}: key {key!r} is in {where['train']} but not in "
-                                f"{where['test']} (keys: {sorted(k for k in test_raw if k != 'images')})")
+                                f"(keys: {sorted(k for k in train.raw if k != 'images')})")
+            for sp in splits.values():
+                if key not in sp.raw:
+                    raise DataError(f"{w}.tasks.{name}: key {key!r} is in {train.where} but not in "
+                                    f"{sp.where} (keys: {sorted(k for k in sp.raw if k != 'images')})")
             at = f"{w}.tasks.{name}, key {key!r}"
-            classes, conv = self._classes(name, spec, meta.get(key, {}), train_raw[key], at, train_rows)
-            tasks.append(Task(name, list(classes), flip_ok=spec.flip_ok))
-            for raw, rows, out in ((train_raw, train_rows, train_labels), (test_raw, test_rows, test_labels)):
-                out[name] = check_labels(conv(raw[key]), len(classes), name, at, rows)
-        return SourceData(tasks, ImageSet(train_raw["images"], train_labels),
-                          ImageSet(test_raw["images"], test_labels), warnings=list(self.warnings))
+            if spec.group_by is not None:
+                made_here = grouped_tasks(name, spec, key, meta, splits, f"{w}.tasks.{name}", self.warn)
+            else:
+                if spec.groups is not None:
+                    raise ConfigError(f"{w}.tasks.{name}.groups: needs group_by (the key whose values are groups)")
+                classes, conv = self._classes(name, spec, meta.get(key, {}), train.raw[key], at, train.rows)
+                made_here = [(Task(name, list(classes), flip_ok=spec.flip_ok),
+                              {s: check_labels(conv(sp.raw[key]), len(classes), name, at, sp.rows)
+                               for s, sp in splits.items()})]
+            for task, per_split in made_here:
+                if task.name in made:
+                    raise ConfigError(f"{w}.tasks.{name}: makes task {task.name!r}, which "
+                                      f"{w}.tasks.{made[task.name]} makes too")
+                made[task.name] = name
+                tasks.append(task)
+                for s in splits:
+                    labels[s][task.name] = per_split[s]
+        sets = {s: ImageSet(sp.raw["images"], labels[s]) for s, sp in splits.items()}
+        return SourceData(tasks, sets["train"], sets["test"], val=sets.get("val"), warnings=list(self.warnings))
+
+
+def _fold_splits(train: Split, p: NpzParams, w: str) -> dict[str, Split]:
+    """train_split's rows split by the values of `fold_key` into train, test and (with val_folds) val."""
+    if p.fold_key not in train.raw:
+        raise DataError(f"{train.where}: fold_key {p.fold_key!r} is not a key (keys: {sorted(train.raw)})")
+    values = train.raw[p.fold_key]
+    present = np.unique(values)
+    folds = {"test_folds": p.test_folds, "val_folds": p.val_folds}
+    if p.train_folds is not None:
+        folds["train_folds"] = p.train_folds
+    for opt, wanted in folds.items():
+        absent = [v for v in wanted if v not in present]
+        if absent:
+            raise DataError(f"{w}.{opt}: {p.fold_key!r} has no row with {_values(absent)} in {train.where} "
+                            f"(values: {listing([str(v) for v in present.tolist()], 12)})")
+    names = list(folds)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = sorted(set(folds[a]) & set(folds[b]))
+            if both:
+                raise ConfigError(f"{w}.{a} and {w}.{b} both name fold(s) {both}; a row belongs to one split")
+    is_test, is_val = np.isin(values, p.test_folds), np.isin(values, p.val_folds)
+    is_train = np.isin(values, p.train_folds) if p.train_folds is not None else ~(is_test | is_val)
+    splits = {"train": train.take(is_train), "test": train.take(is_test)}
+    if p.val_folds:
+        splits["val"] = train.take(is_val)
+    return splits
+
+
+def _rows_of(name: str, split: Split, p: NpzParams) -> str:
+    """Which rows make split `name`, for messages: its folds, or its files."""
+    if p.fold_key is None:
+        return split.where
+    if name == "train":
+        return f"train_folds {p.train_folds}" if p.train_folds is not None else (
+            "the fold values in neither test_folds nor val_folds")
+    return f"{name}_folds {p.val_folds if name == 'val' else p.test_folds}"
+
+
+def _values(values: list[int]) -> str:
+    return f"value {values[0]}" if len(values) == 1 else f"values {values}"
