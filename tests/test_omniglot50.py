@@ -290,3 +290,20 @@ def test_real_omniglot_as_50_tasks(shared_data, tmp_path):
     summary = train(cfg, tmp_path / "om50", quiet=True)
     assert len(summary["tasks"]) == 50
     assert all(math.isfinite(t["test"]["loss"]) for t in summary["tasks"].values())
+
+
+def test_drop_unlabelled_keeps_a_single_task_run_to_its_own_rows(tmp_path):
+    make_omniglot(tmp_path / "o")
+    spec = source(tmp_path / "o", tasks={"character": {"key": "character_in_alphabet", "group_by": "alphabet"}})
+    tasks = {name: {"enabled": name == "Greek"} for name in ALPHABETS}
+    whole = build_data(load_config(data={"data": {"source": spec}, "tasks": tasks}))
+    only = build_data(load_config(data={"data": {"source": spec, "drop_unlabelled": True}, "tasks": tasks}))
+    g_whole, g_only = whole.groups[0], only.groups[0]
+    for split in ("train", "val", "test"):
+        labels = getattr(g_whole, split).labels["Greek"]
+        kept = getattr(g_only, split).labels["Greek"]
+        assert (labels == MISSING).any() and (kept != MISSING).all()  # Greek's rows only, all of them
+        assert len(kept) == (labels != MISSING).sum()
+    streamed = {"source": {"name": "shards", "path": str(tmp_path), "stream": True}, "drop_unlabelled": True}
+    with pytest.raises(ConfigError, match="data.drop_unlabelled: not available with data.source.stream: true"):
+        build_data(load_config(data={"data": streamed}))

@@ -71,6 +71,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default: $MTLVISION_CACHE or ~/.cache/mtlvision
     derive: dict[str, "DeriveConfig"] = dataclasses.field(default_factory=dict)
     limit_train: Optional[int] = None  # a seeded random subset of N training images (quick runs)
+    drop_unlabelled: bool = False  # leave out images that no enabled task labels (e.g. single-task baselines)
     limit_test: Optional[int] = None
 
     def __post_init__(self) -> None:

@@ -96,6 +96,17 @@ def _split_val(train: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, I
     return train.subset(np.sort(perm[n_val:])), train.subset(np.sort(perm[:n_val]))
 
 
+def _labelled_only(data: SourceData, tasks: list[str]) -> SourceData:
+    """`data` without the rows that none of `tasks` labels (data.drop_unlabelled)."""
+    out = {}
+    for split in ("train", "val", "test"):
+        s = getattr(data, split)
+        if s is not None:
+            labelled = np.any(np.stack([s.labels[t] != MISSING for t in tasks]), axis=0)
+            out[split] = s if labelled.all() else s.subset(np.flatnonzero(labelled))
+    return dataclasses.replace(data, **out)
+
+
 def _limit(s: ImageSet, n: Optional[int], seed: int) -> ImageSet:
     if n is None or n >= len(s):
         return s
@@ -140,11 +151,13 @@ def build_data(cfg: Config) -> DataBundle:
         active = [t for t in data.tasks if cfg.tasks.get(t.name) is None or cfg.tasks[t.name].enabled]
         if not active:
             continue
+        keep = [t.name for t in active]
+        if d.drop_unlabelled:
+            data = _labelled_only(data, keep)
         # streamed: the source gives a val split, and its `train` is only the statistics sample
         train, val = (data.train, data.val) if data.val is not None else _split_val(
             data.train, d.val_fraction, cfg.seed)
         train, test = _limit(train, d.limit_train, cfg.seed), _limit(data.test, d.limit_test, cfg.seed)
-        keep = [t.name for t in active]
         sets = {}
         for split, s in (("train", train), ("validation", val), ("test", test)):
             if len(s) == 0:

@@ -81,9 +81,10 @@ def check_stream(source: Source, where: str, data: DataConfig) -> None:
     if where != "data.source":
         raise ConfigError(f"{where}.stream: a streamed training split needs a single data.source; "
                           "multi-input data.sources are trained from memory")
-    if data.limit_train is not None:
-        raise ConfigError(f"data.limit_train: not available with {where}.stream: true (the whole training split "
-                          "streams); remove it, or write a smaller training split")
+    for key in ("limit_train", "drop_unlabelled"):
+        if getattr(data, key):
+            raise ConfigError(f"data.{key}: not available with {where}.stream: true (the whole training split "
+                              "streams); remove it, or write a smaller training split")
 
 
 def stream_of(source: Source, data: DataConfig, tasks: list[str], derive: dict[str, tuple[str, np.ndarray]],
