@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..base import METHODS, Promises
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import F64, as_output, input_eps, mean_diag, nnls_gram, preference, prepare
+from ..solvers import F64, as_output, input_eps, mean_diag, nnls_gram_many, preference, prepare
 
 
 def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
@@ -24,9 +24,10 @@ def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
         v = argmin_{v ≥ u} vᵀ G v,
 
     i.e. v = u + λ, λ = argmin_{λ ≥ 0} ½(u + λ)ᵀG(u + λ): a non-negative least-squares problem in
-    Gram form (Q = G, c = −Gu), solved by a Lawson–Hanson active-set method (finite termination;
-    exact up to rounding, dual residual ≤ `tol` relative). With u = p_i e_i for each i,
-    w = Σ_i v_i, and d = Jᵀw satisfies d·g_j = (Gw)_j ≥ 0 for every task.
+    Gram form (Q = G, c = −Gu), solved exactly (dual residual ≤ `tol` relative): the T problems share
+    Q and are solved together by `solvers.nnls_gram_many` (batched primal-dual active-set steps,
+    Lawson–Hanson where they do not converge). With u = p_i e_i for each i, w = Σ_i v_i, and d = Jᵀw
+    satisfies d·g_j = (Gw)_j ≥ 0 for every task.
 
     Conditioning and regularisation: the dual cone does not change when a task gradient is
     rescaled, so the QP is solved in correlation form (Ĝ = N⁻¹GN⁻¹, N = diag ||g_i||, variables
@@ -62,15 +63,20 @@ def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
     # zero-gradient tasks: nothing to project, their weight does not affect d
     w = p.clone()
     w[active] = 0.0
-    for a in range(k):
-        pi = float(p[active[a]])
-        if pi == 0.0:
-            continue
-        u = torch.zeros(k, dtype=F64)
-        u[a] = pi * float(n[a])                      # v̂ = N v ≥ N u
-        lam = nnls_gram(C, -(C @ u), tol=tol * cmax * abs(float(u[a])),
-                         max_iter=50 * k + 50, name="upgrad")
-        w[active] += (u + lam) / n
+    # one NNLS per task with a non-zero pre-weight, all with Q = C: solved together (nnls_gram_many)
+    tasks = [a for a in range(k) if float(p[active[a]]) != 0.0]
+    if tasks:
+        sel = torch.tensor(tasks, dtype=torch.long)
+        u = p[active[sel]] * n[sel]                  # u_a = u[r] e_a (v̂ = N v ≥ N u)
+        rhs = -(C[:, sel] * u).T                     # −C u_a, one row per task
+        lam = nnls_gram_many(C, rhs, tol * cmax * u.abs(), max_iter=50 * k + 50, name="upgrad")
+        acc = w[active].numpy().copy()
+        nn_ = n.numpy()
+        for r, a in enumerate(tasks):  # in task order, as the sum is defined
+            v = lam[r].numpy().copy()
+            v[a] += float(u[r])
+            acc += v / nn_
+        w[active] = torch.from_numpy(acc)
     return as_output(w, G0)
 
 
