@@ -224,7 +224,7 @@ def feature_rows(objectives: list[torch.Tensor], shared: list[torch.Tensor]) -> 
 
         handles = [graph.nodes[i].register_hook(hook_for(i)) for i in {*direct, *into_mixed}]
         inputs = [shared[k] for k in sorted({target for v in direct.values() for _, _, target in v})]
-        inputs += [mixed_edges[key] for key in {key for v in into_mixed.values() for _, _, key in v}]
+        inputs += [mixed_edges[key] for key in dict.fromkeys(key for v in into_mixed.values() for _, _, key in v)]
         try:
             torch.autograd.grad([objectives[t] for t in private], inputs,
                                 [torch.ones_like(objectives[t]) for t in private], retain_graph=True,
@@ -238,7 +238,8 @@ def feature_rows(objectives: list[torch.Tensor], shared: list[torch.Tensor]) -> 
     if collected:
         keys = list(collected)
         tasks = sorted({t for got in collected.values() for t in got})
-        per_task = sum(next(iter(collected[key].values())).numel() for key in keys) * 4
+        firsts = [next(iter(collected[key].values())) for key in keys]
+        per_task = sum(g.numel() * g.element_size() for g in firsts)  # bytes of one task's cotangents
         chunk = max(1, min(len(tasks), BATCH_BYTES // max(per_task, 1)))
         wrt = [s for s in shared if s.requires_grad]
         for c in range(0, len(tasks), chunk):
@@ -251,9 +252,9 @@ def feature_rows(objectives: list[torch.Tensor], shared: list[torch.Tensor]) -> 
             grads = torch.autograd.grad([mixed_edges[key] for key in keys], wrt, cotangents, retain_graph=True,
                                         allow_unused=True, is_grads_batched=True)
             index = torch.tensor(part, device=rows[0].device) if rows else None
-            for s, g in zip((k for k, s in enumerate(shared) if s.requires_grad), grads):
+            for k, g in zip((k for k, s in enumerate(shared) if s.requires_grad), grads):
                 if g is not None:
-                    rows[s].index_add_(0, index, g.to(rows[s].dtype))
+                    rows[k].index_add_(0, index, g.to(rows[k].dtype))
     return rows
 
 
