@@ -153,3 +153,19 @@ def test_unsolved_problems_go_to_lawson_hanson_which_raises_past_its_budget(monk
     assert same(nnls_gram(Q, c, 1e-13, 1000, "test"), expect, rel=1e-9)
     with pytest.raises(GramianSolverError, match="did not terminate"):
         nnls_gram(Q, c, 1e-13, 2, "test")
+
+
+def test_benchmark_smoke(capsys):
+    """benchmarks/gramian_solvers.py --smoke runs every Gramian method and prints its JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gramian_solvers.py"
+    spec = importlib.util.spec_from_file_location("gramian_solvers_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--json", "--kinds", "lowrank", "conflict"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {r["method"] for r in rows} == set(bench.gramian_methods())
+    assert all(r["ms"] is not None and r["finite"] for r in rows)

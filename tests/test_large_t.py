@@ -18,7 +18,8 @@ TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q",
 BACKBONE = {"name": "smallcnn", "width": 4, "out_dim": 16}
 ARCHS = ([{"name": n} for n in ARCHITECTURES.names()]
          + [{"name": "task-features", "sharing": "gate"}, {"name": "dselect-k", "entropy_reg": 0.1},
-            {"name": "ple", "levels": 1}, {"name": "mtan", "reduction": 2}, {"name": "cross-stitch", "mixing": "stage"}])
+            {"name": "ple", "levels": 1}, {"name": "mtan", "reduction": 2},
+            {"name": "cross-stitch", "mixing": "stage"}])
 SCALE = torch.tensor([0.5, 2.0, 0.0, 1.5], dtype=F64)
 
 

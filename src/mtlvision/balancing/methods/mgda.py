@@ -27,7 +27,7 @@ def mgda(G: Tensor, *, max_iter: int = 250, tol: float = 1e-5, exact: bool = Tru
 
     Frank–Wolfe converges only at rate O(1/k), so with `exact=True` (default; not part of the
     paper) the FW iterate is then replaced by the exact minimiser of the same problem, computed by
-    an active-set solve (Lawson–Hanson NNLS on the lifted problem, see `solvers.min_norm_weights`), if
+    an exact active-set NNLS solve of the lifted problem (see `solvers.min_norm_weights`), if
     that has the lower objective (it always does up to rounding; when the exact solution's duality gap
     proves it, FW is not run at all, which returns the same weights). `exact=False` returns the
     paper's FW iterate unchanged (this is what TorchJD's `MGDAWeighting(epsilon=tol,

@@ -12,7 +12,7 @@ from ..base import METHODS, Promises
 from ..context import StepContext
 from ..gradient import GramianWeighting, SeededParams
 from ..seeding import Seeded
-from ..solvers import F64, as_output, prepare
+from ..solvers import as_output, prepare
 
 
 def pcgrad(G: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
