@@ -15,16 +15,19 @@ Conventions shared by every Gramian solver (the functions in `methods/*.py`, bui
 * iterative solvers either reach their stated tolerance or raise `GramianSolverError`; nothing
   falls back silently to a different method.
 
-Helpers: `nnls_gram` (Lawson–Hanson active-set NNLS in Gram form), `min_norm_weights` (the exact
-min-norm point of the convex hull, by NNLS), `dual_cone_weights` (projections onto the dual cone, by
-NNLS: UPGrad, DualProj), `alpha_fair_weights` (the α-fair allocation (Gw)_i = w_i^{-1/α} by damped
-Newton: FairGrad, Nash-MTL at α = 1), `solve_sym` (minimum-norm least squares).
+Helpers: `nnls_gram` / `nnls_gram_many` (exact NNLS in Gram form, one or many right-hand sides:
+batched primal-dual active-set steps, finished by Lawson–Hanson where they have not converged),
+`min_norm_weights` (the exact min-norm point of the convex hull, by NNLS), `correlation` (the tasks with a
+gradient and their correlation matrix), `solve_sym` (minimum-norm least squares); `dual_cone.py` (projections
+onto the dual cone: UPGrad, DualProj) and `alpha_fair.py` (the α-fair allocation: FairGrad, Nash-MTL) build
+on them. Many tasks (T = 50): the solvers avoid Python loops over T² pairs and T separate
+iterative solves; `benchmarks/gramian_solvers.py` reports the time per solve.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,24 +97,24 @@ def correlation(G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return active, n, 0.5 * (C + C.T)
 
 
-def nnls_gram(Q: Tensor, c: Tensor, tol: float, max_iter: int, name: str) -> Tensor:
-    """Lawson–Hanson active-set NNLS in Gram form: argmin_{x >= 0} ½ xᵀQx − cᵀx (Q PSD).
+def _lstsq(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`solve_sym` on numpy arrays (torch's LAPACK: the same bits as `solve_sym` on the same matrix)."""
+    return solve_sym(torch.from_numpy(np.ascontiguousarray(A)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
-    For a least-squares problem min ||A x − b||² one passes Q = AᵀA and c = Aᵀb; only these are
-    needed, so the solver works from a Gramian. Finite termination; `tol` bounds the dual
-    residual max_j (c − Qx)_j over the zero set at exit.
-    """
-    T = Q.shape[0]
-    x = torch.zeros(T, dtype=F64)
-    passive = torch.zeros(T, dtype=torch.bool)
-    blocked = torch.zeros(T, dtype=torch.bool)  # degenerate candidates, retried after x changes
-    w = c.clone()
+
+def _lawson_hanson(Q: np.ndarray, c: np.ndarray, tol: float, max_iter: int, name: str) -> np.ndarray:
+    """Lawson–Hanson active-set NNLS in Gram form (finite termination), in numpy float64."""
+    T = c.shape[0]
+    x = np.zeros(T)
+    passive = np.zeros(T, dtype=bool)
+    blocked = np.zeros(T, dtype=bool)  # degenerate candidates, retried after x changes
+    w = c.copy()
     iters = 0
     while True:
-        cand = (~passive) & (~blocked) & (w > tol)
-        if not bool(cand.any()):
+        cand = ~passive & ~blocked & (w > tol)
+        if not cand.any():
             break
-        j = int(torch.where(cand, w, torch.full_like(w, -math.inf)).argmax())
+        j = int(np.argmax(np.where(cand, w, -np.inf)))
         passive[j] = True
         first = True
         while True:
@@ -120,10 +123,10 @@ def nnls_gram(Q: Tensor, c: Tensor, tol: float, max_iter: int, name: str) -> Ten
                 raise GramianSolverError(
                     f"{name}: active-set (Lawson–Hanson) solver did not terminate in {max_iter} "
                     "iterations; the Gramian is probably badly conditioned")
-            idx = passive.nonzero().squeeze(-1)
-            z = torch.zeros(T, dtype=F64)
-            z[idx] = solve_sym(Q[idx][:, idx], c[idx])
-            if first and float(z[j]) <= 0.0:
+            idx = np.flatnonzero(passive)
+            z = np.zeros(T)
+            z[idx] = _lstsq(Q[np.ix_(idx, idx)], c[idx])
+            if first and z[j] <= 0.0:
                 # The column just added cannot enter (numerically dependent on the passive set):
                 # leave x unchanged and exclude j until x changes (the classic LH safeguard).
                 passive[j] = False
@@ -131,22 +134,147 @@ def nnls_gram(Q: Tensor, c: Tensor, tol: float, max_iter: int, name: str) -> Ten
                 break
             first = False
             bad = passive & (z <= 0.0)
-            if not bool(bad.any()):
+            if not bad.any():
                 x = z
-                blocked.zero_()
+                blocked[:] = False
                 break
             ratios = x[bad] / (x[bad] - z[bad])
             alpha = float(ratios.min())
             x = x + alpha * (z - x)
-            bad_idx = bad.nonzero().squeeze(-1)
-            drop = torch.zeros(T, dtype=torch.bool)
-            drop[bad_idx[ratios <= alpha]] = True
+            drop = np.zeros(T, dtype=bool)
+            drop[np.flatnonzero(bad)[ratios <= alpha]] = True
             drop |= passive & (x <= 0.0)
             x[drop] = 0.0
             passive &= ~drop
-            blocked.zero_()
+            blocked[:] = False
         w = c - Q @ x
     return x
+
+
+def _primal_dual(Q: np.ndarray, C: np.ndarray, tol: np.ndarray, free: np.ndarray, steps: int,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Primal-dual active-set iterations (Hintermüller, Ito & Kunisch 2002) for K problems at once:
+    argmin_{x >= 0} ½ xᵀQx − c_kᵀx for the rows c_k of C, from the guessed supports `free` (K, T).
+
+    Each step solves every problem on its current support (one batched solve) and moves to the support
+    the KKT conditions point at: {x_j > 0} ∪ {j off the support with dual residual (c − Qx)_j > tol}.
+    A problem is solved when its solution is strictly positive on its support, its dual residual is at
+    most `tol` off it and its support equations hold: the same optimality test Lawson–Hanson stops on.
+    Returns (X, solved (K,), last supports). The method usually needs a handful of steps but is not
+    guaranteed to terminate: unsolved problems are left to `_lawson_hanson` by the caller."""
+    K, T = C.shape
+    X = np.zeros((K, T))
+    solved = np.zeros(K, dtype=bool)
+    free = free.copy()
+    eye = np.eye(T, dtype=bool)
+    absQ = np.abs(Q)
+    for _ in range(steps):
+        todo = np.flatnonzero(~solved)
+        if todo.size == 0:
+            break
+        F = free[todo]
+        M = np.where(F[:, :, None] & F[:, None, :], Q, 0.0) + (eye & ~F[:, :, None]).astype(float)
+        try:
+            Z = np.linalg.solve(M, np.where(F, C[todo], 0.0)[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a singular support (possible without a ridge)
+            break
+        if not np.isfinite(Z).all():
+            break
+        W = C[todo] - Z @ Q
+        t = tol[todo, None]
+        scale = np.abs(C[todo]) + np.abs(Z) @ absQ
+        ok = (np.where(F, Z > 0.0, W <= t).all(1)
+              & np.where(F, np.abs(W) <= 1e-9 * scale.max(1, keepdims=True), True).all(1))
+        X[todo[ok]] = Z[ok]
+        solved[todo[ok]] = True
+        free[todo] = np.where(F, Z > 0.0, W > t)
+    return X, solved, free
+
+
+def _ill_conditioned(Q: np.ndarray, X: np.ndarray, solved: np.ndarray, limit: float = 2e3) -> np.ndarray:
+    """The solved problems whose support matrix Q_FF has a 1-norm condition number above `limit`."""
+    todo = np.flatnonzero(solved)
+    if todo.size == 0:
+        return todo
+    F = X[todo] > 0.0
+    T = Q.shape[0]
+    M = np.where(F[:, :, None] & F[:, None, :], Q, 0.0) + (np.eye(T, dtype=bool) & ~F[:, :, None]).astype(float)
+    try:
+        inv = np.linalg.inv(M)
+    except np.linalg.LinAlgError:
+        return todo
+    cond = np.abs(M).sum(1).max(1) * np.abs(inv).sum(1).max(1)
+    return todo[~(cond <= limit)]
+
+
+def nnls_gram_many(Q: Tensor, C: Tensor, tol: Tensor | float, max_iter: int, name: str,
+                   free: Optional[Tensor] = None, polish: bool = False) -> Tensor:
+    """`nnls_gram` for K right-hand sides at once: row k of the result is argmin_{x >= 0} ½ xᵀQx − c_kᵀx
+    for row c_k of C (K, T), with dual tolerance tol[k] (or one `tol` for all).
+
+    Solved by batched primal-dual active-set steps from the supports `free` (K, T) (default: {c_k > tol_k},
+    the variables whose gradient points inward at 0); any problem they have not solved in T + 10 steps
+    is solved by Lawson–Hanson (`max_iter` iterations, then `GramianSolverError`). Both stop only on
+    the same optimality test, so the result is the exact minimiser (unique when Q is positive
+    definite). Where the support's matrix is ill-conditioned (1-norm condition above 2e3), or for every
+    problem with `polish`, the solution is recomputed on its support by the least-squares solve
+    Lawson–Hanson ends on: the two then return the same x, bit for bit, wherever they find the same
+    support (elsewhere they agree to ~cond·eps)."""
+    Qn = Q.detach().to(device=CPU, dtype=F64).numpy()
+    Cn = C.detach().to(device=CPU, dtype=F64).numpy().reshape(-1, Qn.shape[0])
+    K, T = Cn.shape
+    tols = np.broadcast_to(np.asarray(tol.detach().cpu().double().numpy() if isinstance(tol, Tensor) else tol,
+                                      dtype=np.float64), (K,)).copy()
+    if free is None:
+        guess = Cn > tols[:, None]
+    else:
+        guess = free.detach().cpu().numpy().astype(bool).reshape(K, T)
+    X, solved, _ = _primal_dual(Qn, Cn, tols, guess, T + 10)
+    for k in (np.flatnonzero(solved) if polish else _ill_conditioned(Qn, X, solved)):
+        # the support's equations once more by the solve Lawson–Hanson ends on (SVD least squares):
+        # where both find the same support, they return the same x, bit for bit (needed only where the
+        # support's matrix is ill-conditioned: elsewhere the two solves agree to ~cond·eps < 1e-12)
+        idx = np.flatnonzero(X[k] > 0.0)
+        if idx.size:
+            z = _lstsq(Qn[np.ix_(idx, idx)], Cn[k, idx])
+            if (z > 0.0).all():
+                X[k] = 0.0
+                X[k, idx] = z
+            else:  # rounding moved the support's boundary: let Lawson–Hanson decide
+                solved[k] = False
+    for k in np.flatnonzero(~solved):
+        X[k] = _lawson_hanson(Qn, Cn[k], float(tols[k]), max_iter, name)
+    return torch.from_numpy(X)
+
+
+def nnls_gram(Q: Tensor, c: Tensor, tol: float, max_iter: int, name: str,
+              free: Optional[Tensor] = None) -> Tensor:
+    """Exact NNLS in Gram form: argmin_{x >= 0} ½ xᵀQx − cᵀx (Q PSD).
+
+    For a least-squares problem min ||A x − b||² one passes Q = AᵀA and c = Aᵀb; only these are
+    needed, so the solver works from a Gramian. At exit x > 0 on its support, the support equations
+    hold, and `tol` bounds the dual residual max_j (c − Qx)_j off the support. Primal-dual active-set
+    steps from the support guess `free` (T,) bool (a warm start, e.g. the previous solve's support;
+    default {c > tol}), then, if they have not converged, Lawson–Hanson (finite termination; more than
+    `max_iter` iterations raise `GramianSolverError`): see `nnls_gram_many` (here with `polish`: the
+    same x as Lawson–Hanson's wherever both find the same support)."""
+    return nnls_gram_many(Q, c.reshape(1, -1), tol, max_iter, name,
+                          None if free is None else free.reshape(1, -1), polish=True)[0]
+
+
+def min_norm_solve(Q: Tensor, name: str, free: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """`min_norm_weights`, and the support of its lifted NNLS solution: a warm start (`free`) for the next
+    solve on a nearby Q (CAGrad's root search)."""
+    T = Q.shape[0]
+    s = mean_diag(Q)
+    if s <= 0.0:
+        return torch.full((T,), 1.0 / T, dtype=F64), torch.ones(T, dtype=torch.bool)
+    Qn = Q / s + torch.ones(T, T, dtype=F64)
+    x = nnls_gram(Qn, torch.ones(T, dtype=F64), tol=1e-13, max_iter=50 * T + 50, name=name, free=free)
+    total = float(x.sum())
+    if not total > 0.0:
+        raise GramianSolverError(f"{name}: min-norm solver returned a zero vector")
+    return x / total, x > 0.0
 
 
 def min_norm_weights(Q: Tensor, name: str) -> Tensor:
@@ -157,145 +285,4 @@ def min_norm_weights(Q: Tensor, name: str) -> Tensor:
     reduction). In Gram form that is NNLS with Q + 11ᵀ and c = 1, solved by `nnls_gram`.
     Q is normalised by its mean diagonal first (the minimiser is scale-invariant).
     """
-    T = Q.shape[0]
-    s = mean_diag(Q)
-    if s <= 0.0:
-        return torch.full((T,), 1.0 / T, dtype=F64)
-    Qn = Q / s + torch.ones(T, T, dtype=F64)
-    x = nnls_gram(Qn, torch.ones(T, dtype=F64), tol=1e-13, max_iter=50 * T + 50, name=name)
-    total = float(x.sum())
-    if not total > 0.0:
-        raise GramianSolverError(f"{name}: min-norm solver returned a zero vector")
-    return x / total
-
-
-def dual_cone_weights(G: Tensor, U: Tensor, name: str, *, ridge: float = 1e-12,
-                      tol: float = 1e-13) -> Tensor:
-    r"""Weights of the projections of Jᵀu onto the dual cone C = {x : Jx ≥ 0}, for each row u of U (K, T).
-
-    Quinton & Rey 2024, Proposition 1: π_C(Jᵀu) = Jᵀv with v = argmin_{v ≥ u} vᵀGv = u + λ,
-    λ = argmin_{λ ≥ 0} ½(u + λ)ᵀG(u + λ): NNLS in Gram form (Q = G, c = −Gu) by `nnls_gram`. Returns V
-    (K, T), float64 on the CPU; d = Jᵀv has d·g_j = (Gv)_j ≥ 0.
-
-    The cone does not change when a gradient is rescaled, so the QP is solved in correlation form
-    (variables Nv, N = diag ||g_i||) with a ridge ρ = max(`ridge`, 8·T·eps(G.dtype)) added to the
-    correlation matrix (`ridge=0`: the exact projection): the exact projection for the rows
-    [g_i, √ρ ||g_i|| e_i], bounded weights when G is (nearly) singular, at the cost of
-    d·g_j ≥ −ρ ||g_j||² v_j and an O(ρ) change of d. Zero-gradient tasks keep v_i = u_i.
-    """
-    if not (ridge >= 0.0):
-        raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
-    G0, G = G, prepare(G, name)
-    T = G.shape[0]
-    U = torch.as_tensor(U).detach().to(device=CPU, dtype=F64).reshape(-1, T)
-    V = U.clone()
-    if mean_diag(G) <= 0.0:
-        return V
-    rho = max(ridge, 8.0 * T * input_eps(G0)) if ridge > 0.0 else 0.0
-    active, n, C = correlation(G)
-    k = active.numel()
-    C = C + rho * torch.eye(k, dtype=F64)
-    cmax = float(C.diagonal().max())
-    for r in range(V.shape[0]):
-        u = U[r, active] * n                          # v̂ = N v ≥ N u
-        umax = float(u.abs().max())
-        if umax == 0.0:
-            continue
-        lam = nnls_gram(C, -(C @ u), tol=tol * cmax * umax, max_iter=50 * k + 50, name=name)
-        V[r, active] = (u + lam) / n
-    return V
-
-
-def alpha_fair_weights(G: Tensor, alpha: float, name: str, *, ridge: float = 1e-12, tol: float = 1e-10,
-                       max_iter: int = 500) -> Tensor:
-    r"""The α-fair allocation: w > 0 with (G w)_i = w_i^{-1/α} (α = 1: Nash bargaining, Gw = 1/w).
-
-    Exact, no scipy/cvxpy: w is the unique minimiser on w > 0 of the strictly convex
-    f(w) = ½ wᵀGw − Σ_i h(w_i), h = log (α = 1) or w^{1−1/α}/(1 − 1/α) (h' = w^{-1/α}). Solved after
-    factoring out the global scale m (geometric mean of the norms: G = m²G̃, w = m^{-2α/(α+1)} w̃) in
-    correlation form: β = Ñw̃, (Ĝβ)_i = c_i β_i^{-1/α}, c_i = ñ_i^{(1−α)/α} (c = 1 at α = 1, where the
-    problem is invariant to per-task scaling). Damped Newton (Hessian Ĝ + diag((c_i/α) β_i^{-1/α−1})) from
-    the best point of the ray of 1, a step cap keeping β > 0, Armijo backtracking; full steps once the
-    Newton decrement λ² < 1/16 at α = 1 (f is self-concordant there: provably feasible and decreasing)
-    or λ² < 1e-8 otherwise (the rounding-limited last steps; they must keep β > 0). Converged when
-    max_i |β_i^{1/α}(Ĝβ)_i / c_i − 1| ≤ `tol` plus its rounding error; else `GramianSolverError`.
-
-    A ridge ρ = max(`ridge`, 8·T·eps(G.dtype)) is added to Ĝ (`ridge=0`: none): a solution exists iff 0
-    is not in the convex hull of the gradients, and the ridge keeps it bounded near Pareto-stationary
-    points. It changes task i's equation by the relative amount ρ·||g_i||²w_i/(g_iᵀd): ρ when the
-    gradients are orthogonal, more when a task's own gradient is nearly cancelled by the others'
-    (small α with norms spread over orders of magnitude: up to ~1e-2 at α = 0.25, norms 1e-2..1e2).
-    Large α with dominated tasks needs weights like exp(−α·const) (1e-140 at α = 20, below the float64
-    range at α = 100): slow, then `GramianSolverError`. Zero-gradient tasks get weight 0, the others
-    are solved among themselves; G = 0 gives w = 0. Returns w (T,) with G's dtype and device.
-    """
-    if not (alpha > 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha}")
-    if not (ridge >= 0.0):
-        raise ValueError(f"{name}: ridge must be >= 0, got {ridge}")
-    G0, G = G, prepare(G, name)
-    out = torch.zeros(G.shape[0], dtype=F64)
-    active, n, H = correlation(G)
-    k = active.numel()
-    if k == 0:
-        return as_output(out, G0)
-    m = float(torch.log(n).mean().exp())
-    n_t = n / m
-    rho = max(ridge, 8.0 * k * input_eps(G0)) if ridge > 0.0 else 0.0
-    H = H + rho * torch.eye(k, dtype=F64)
-    absH = H.abs()
-    one, q = alpha == 1.0, 1.0 / alpha
-    c = torch.ones(k, dtype=F64) if one else n_t ** ((1.0 - alpha) / alpha)
-    # start on the ray of 1 at its best scale (capped: 1ᵀĜ1 ≈ 0 when the mean direction vanishes)
-    beta = torch.full((k,), (float(c.sum()) / max(float(H.sum()), 1e-6 * k)) ** (alpha / (alpha + 1.0)), dtype=F64)
-
-    def f(b: Tensor) -> float:
-        util = torch.log(b) if one else b ** (1.0 - q) / (1.0 - q)
-        return 0.5 * float(b @ H @ b) - float((c * util).sum())
-
-    def converged(b: Tensor) -> bool:
-        scale = b ** q / c
-        res = (scale * (H @ b) - 1.0).abs()
-        slack = tol + 8.0 * k * 2.0 ** -52 * scale * (absH @ b)
-        return bool((res <= slack).all())
-
-    full_step = 0.0625 if one else 1e-8
-    fb, done, it = f(beta), converged(beta), 0
-    while not done and it < max_iter:
-        it += 1
-        grad = H @ beta - c * beta ** -q
-        hess = H + torch.diag(c * q * beta ** (-q - 1.0))
-        sol, info = torch.linalg.solve_ex(hess, grad)
-        step = -sol if int(info) == 0 and bool(torch.isfinite(sol).all()) else -solve_sym(hess, grad)
-        slope = float(grad @ step)
-        if not slope < 0.0:
-            break
-        if -slope < full_step and bool((beta + step > 0.0).all()):
-            beta = beta + step
-            fb, done = f(beta), converged(beta)
-            continue
-        t = 1.0
-        neg = step < 0.0
-        if bool(neg.any()):
-            t = min(1.0, 0.99 * float((-beta[neg] / step[neg]).min()))
-        accepted = False
-        for _ in range(60):
-            cand = beta + t * step
-            if bool((cand > 0.0).all()):
-                fc = f(cand)
-                if fc <= fb + 0.25 * t * slope:
-                    accepted = True
-                    break
-            t *= 0.5
-        if not accepted:
-            break
-        beta, fb = cand, fc
-        done = converged(beta)
-    if not done:
-        res = float((beta ** q / c * (H @ beta) - 1.0).abs().max())
-        raise GramianSolverError(
-            f"{name}: Newton solver did not converge (max |w_i^(1/α) (Gw)_i − 1| = {res:.3g}, α = {alpha:g}, "
-            f"tolerance {tol:g}, {it} of at most {max_iter} steps); the gradients may be (nearly) "
-            "Pareto-stationary or G badly conditioned")
-    out[active] = beta / n_t * m ** (-2.0 * alpha / (alpha + 1.0))
-    return as_output(out, G0)
+    return min_norm_solve(Q, name)[0]

@@ -6,9 +6,12 @@ never which space they run in.
 
 * `feature` (default; "MGDA-UB", Sener & Koltun 2018): J holds each task's gradient with respect to
   the shared representation (B x D; where an architecture's tasks read several trunk tensors, e.g.
-  MTAN's stage outputs, their per-example concatenation). It costs T backward passes through the
-  task heads only, then ONE backward through the trunk with the combined gradient: close to the
-  price of an equal-weight step.
+  MTAN's stage outputs, their per-example concatenation). The T rows cost one autograd call per task
+  with respect to the shared tensors only, each traversing its own task's modules: where those are
+  private to the task (heads; MTAN's attention, MoE gates, cross-stitch heads) the T calls together
+  cost one backward through them; a module every task reads (task-features' attention) is crossed
+  once per task. Then ONE backward through the trunk with the combined gradient. (A vmap-batched pass
+  over the tasks was measured on the CPU and was slower: see the module note at the end.)
   It balances what the trunk receives through the representation, an upper-bound surrogate of the
   exact parameter-space problem. In multi-input runs every task owns different rows of the
   representation, so cross-task inner products are zero there; use `parameter` to see conflicts.
@@ -16,7 +19,8 @@ never which space they run in.
   at the price of T backward passes through the trunk.
 
 Task-specific parameters (heads, and modules that only task heads read) receive the sum of their own
-tasks' gradients (scaled per task where a method asks for it, see `Combination.task_scale`).
+tasks' gradients (scaled per task where a method asks for it, see `Combination.task_scale`), from one
+backward of the objectives restricted to them once the method has combined (`apply_task_grads`).
 
 Data parallel (N ranks, each loss a mean over the rank's rows): in feature space each rank holds its
 own rows of the global J, scaled by 1/N, so the global G = Σ_r J_r J_rᵀ / N² is one all_reduce of
@@ -25,8 +29,15 @@ gradient and the trainer averages the trunk gradients. In parameter space the gl
 the ranks' J: it is averaged before G is formed, so the trunk update is already the global one
 (`shared_grads_reduced`).
 
-A faster way to take the T per-task gradients (e.g. one batched pass over the task heads for large T)
-is a different `jacobian` of the same interface: the methods are unaffected.
+Note on many tasks. The per-task calls differentiate the shared tensors only; the task-specific
+parameters are differentiated once, by `apply_task_grads` (before, every call also took its task's
+gradients of the parameters of modules all tasks read: T times task-features' attention weights; at
+T = 40 on the CPU that cut the attention's cost by 40%). Measured on the CPU and not kept: one
+`torch.autograd.grad(..., is_grads_batched=True)` over one-hot output gradients (about twice as slow
+as the loop: the per-task cotangents of a module all tasks read become dense (T, B, T, d) tensors and
+the pass is memory-bound; private heads are back-propagated T times each), and one hooked backward
+through the task-private modules followed by a batched pass through the shared-by-all ones (no faster
+than the loop, plus Python work per graph node: O(T²) nodes in cross-stitch's final mixing).
 """
 from __future__ import annotations
 
@@ -41,34 +52,32 @@ from .context import StepContext
 
 @dataclasses.dataclass
 class Jacobian:
-    """Per-task gradients of one step: the rows of J, and each task's task-specific gradients."""
+    """Per-task gradients of one step: the rows of J, and what the task-specific parameters' gradients are
+    taken from once the method has said how to scale them (`GradientSpace.apply_task_grads`)."""
 
     matrix: torch.Tensor  # (T, N); parameter space: averaged over ranks
     task_params: list[nn.Parameter]  # the task-specific parameters that require grad
-    task_grads: list[list[Optional[torch.Tensor]]]  # [t][k]: ∂objective_t / ∂task_params[k] (None: unused)
+    objectives: list[torch.Tensor]  # the step's objectives, their graph kept for `apply_task_grads`
 
 
-def _accumulate(params: list[nn.Parameter], grads: list[Optional[torch.Tensor]]) -> None:
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
+def task_parameters(ctx: StepContext) -> list[nn.Parameter]:
+    return [p for p in ctx.task_params if p.requires_grad]
 
 
-def per_task_grads(objectives: list[torch.Tensor], wrt: list[torch.Tensor], ctx: StepContext, retain_last: bool,
-                   flatten: Callable[[list[torch.Tensor]], torch.Tensor],
-                   ) -> tuple[torch.Tensor, list[nn.Parameter], list[list[Optional[torch.Tensor]]]]:
-    """One autograd pass per objective: J, whose row t is `flatten` of objective t's gradients with respect to
-    `wrt` (zeros where unused), and its gradients with respect to the task-specific parameters that require
-    grad (None where unused). The graph is kept for the next objective, and after the last one when
-    `retain_last`."""
-    task_params = [p for p in ctx.task_params if p.requires_grad]
-    rows, task_grads = [], []
-    for t, objective in enumerate(objectives):
-        grads = torch.autograd.grad(objective, [*wrt, *task_params], allow_unused=True,
-                                    retain_graph=retain_last or t < len(objectives) - 1)
-        rows.append(flatten([g if g is not None else torch.zeros_like(x) for x, g in zip(wrt, grads[:len(wrt)])]))
-        task_grads.append(list(grads[len(wrt):]))
-    return torch.stack(rows), task_params, task_grads
+def per_task_rows(objectives: list[torch.Tensor], wrt: list[torch.Tensor],
+                  flatten: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """J: row t is `flatten` of objective t's gradients with respect to `wrt` (zeros where unused; a zero row
+    for an objective that does not require grad). One autograd call per objective, with respect to `wrt`
+    only: the task-specific parameters are differentiated once, afterwards (`apply_task_grads`). The graph
+    is kept."""
+    if not wrt:  # nothing trainable upstream (a frozen backbone, finetune.freeze_backbone_epochs): empty rows
+        return torch.zeros(len(objectives), 0, device=objectives[0].device)
+    rows = []
+    for objective in objectives:
+        grads = (torch.autograd.grad(objective, wrt, allow_unused=True, retain_graph=True)
+                 if objective.requires_grad else [None] * len(wrt))
+        rows.append(flatten([g if g is not None else torch.zeros_like(x) for x, g in zip(wrt, grads)]))
+    return torch.stack(rows)
 
 
 class GradientSpace:
@@ -91,10 +100,16 @@ class GradientSpace:
 
     @staticmethod
     def apply_task_grads(jac: Jacobian, scale: Optional[torch.Tensor]) -> None:
-        """Task-specific parameters receive Σ_t s_t ∂objective_t/∂θ_task (s = 1 when `scale` is None)."""
-        for t, grads in enumerate(jac.task_grads):
-            s = float(scale[t]) if scale is not None else 1.0
-            _accumulate(jac.task_params, [g * s if g is not None else None for g in grads])
+        """Task-specific parameters receive Σ_t s_t ∂objective_t/∂θ_task (s = 1 when `scale` is None): one
+        backward of the objectives with output gradients s_t, restricted to those parameters. It frees the
+        step's graph."""
+        used = [t for t, o in enumerate(jac.objectives) if o.requires_grad]
+        if not jac.task_params or not used:
+            return
+        objectives = [jac.objectives[t] for t in used]
+        seeds = [torch.ones_like(o) if scale is None else torch.full_like(o, float(scale[t]))
+                 for t, o in zip(used, objectives)]
+        torch.autograd.backward(objectives, seeds, inputs=jac.task_params)
 
 
 class FeatureSpace(GradientSpace):
@@ -103,11 +118,9 @@ class FeatureSpace(GradientSpace):
     shared_grads_reduced = False
 
     def jacobian(self, objectives: list[torch.Tensor], ctx: StepContext) -> Jacobian:
-        shared = list(ctx.shared)
-        matrix, task_params, task_grads = per_task_grads(
-            objectives, shared, ctx, retain_last=True,
-            flatten=lambda grads: torch.cat([g.reshape(len(g), -1) for g in grads], 1).reshape(-1))
-        return Jacobian(matrix.float(), task_params, task_grads)
+        matrix = per_task_rows(objectives, list(ctx.shared),
+                               lambda grads: torch.cat([g.reshape(len(g), -1) for g in grads], 1).reshape(-1))
+        return Jacobian(matrix.float(), task_parameters(ctx), objectives)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gramian = ctx.all_reduce(matrix @ matrix.T)
@@ -130,10 +143,8 @@ class ParameterSpace(GradientSpace):
 
     def jacobian(self, objectives: list[torch.Tensor], ctx: StepContext) -> Jacobian:
         shared_params = [p for p in ctx.shared_params if p.requires_grad]
-        matrix, task_params, task_grads = per_task_grads(
-            objectives, shared_params, ctx, retain_last=False,
-            flatten=lambda grads: torch.cat([g.reshape(-1) for g in grads]) if grads else objectives[0].new_zeros(0))
-        return Jacobian(ctx.mean_over_ranks(matrix), task_params, task_grads)
+        matrix = per_task_rows(objectives, shared_params, lambda grads: torch.cat([g.reshape(-1) for g in grads]))
+        return Jacobian(ctx.mean_over_ranks(matrix), task_parameters(ctx), objectives)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return matrix @ matrix.T  # J is the rank average already

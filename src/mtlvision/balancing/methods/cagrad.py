@@ -11,7 +11,7 @@ from ...tasks import Task
 from ..base import METHODS
 from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import F64, GramianSolverError, as_output, mean_diag, min_norm_weights, prepare
+from ..solvers import F64, GramianSolverError, as_output, mean_diag, min_norm_solve, prepare
 
 
 def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-12,
@@ -32,19 +32,19 @@ def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-
     divide the update by (1 + c²) by default (their `rescale=1`); pass `rescale=True` for that.
     TorchJD's CAGrad does not rescale either.
 
-    Inner solver (exact up to root-finding tolerance, not the paper's scipy SLSQP): using
-    √x = min_{t>0} (x/t + t)/2, min_w F = min_{t>0} min_w [g_wᵀg0 + (√φ/2)(||g_w||²/t + t)], which
-    is jointly convex in (w, t). For fixed t the inner problem is the min-norm point of the shifted
-    points g_i + (t/√φ) g0 (an MGDA problem on a modified Gramian), solved exactly by the
-    active-set solver; the outer convex 1-D problem's derivative has the sign of t − ||g_w(t)||
-    and is solved by a bracketed Illinois (regula falsi) root search on [0, max_i ||g_i||] to a
-    relative tolerance `tol` (default 1e-12), so F(w*) is optimal to about that relative
-    accuracy; `GramianSolverError` if `max_iter` root-search steps do not suffice. In the tests
-    the returned d attains the dual value (an optimality certificate) to ~1e-12 relative. Two
-    limits are inherent to working from G in floating point: near Pareto-stationary points,
-    where ||g_w*|| ≪ max ||g_i||, the direction g_w*/||g_w*|| (and so d) is only determined to
-    about eps·max||g_i||²/||g_w*||²; and with task-gradient norms spread over more than ~1e4 the
-    shifted Gramians lose the small tasks to rounding.
+    Inner solver (exact up to root-finding tolerance, not the paper's scipy SLSQP): using √x =
+    min_{t>0} (x/t + t)/2, min_w F = min_{t>0} min_w [g_wᵀg0 + (√φ/2)(||g_w||²/t + t)], which is
+    jointly convex in (w, t). For fixed t the inner problem is the min-norm point of the shifted
+    points g_i + (t/√φ) g0 (an MGDA problem on a modified Gramian), solved exactly by the active-set
+    solver (warm-started from the previous inner solve's support); the outer convex 1-D problem's
+    derivative has the sign of t − ||g_w(t)|| and is solved by a bracketed Illinois (regula falsi)
+    root search on [0, max_i ||g_i||] to a relative tolerance `tol` (default 1e-12), so F(w*) is
+    optimal to about that relative accuracy; `GramianSolverError` if `max_iter` root-search steps do
+    not suffice. In the tests the returned d attains the dual value (an optimality certificate) to
+    ~1e-12 relative. Two limits are inherent to working from G in floating point: near
+    Pareto-stationary points, where ||g_w*|| ≪ max ||g_i||, the direction g_w*/||g_w*|| (and so d)
+    is only determined to about eps·max||g_i||²/||g_w*||²; and with task-gradient norms spread over
+    more than ~1e4 the shifted Gramians lose the small tasks to rounding.
 
     Edge cases: c = 0 or g0 = 0 gives w = 1/T (d = g0). If the optimum has g_w* = 0 (the point is
     Pareto-stationary and the ball contains no strict common-descent direction) the paper's
@@ -68,11 +68,12 @@ def cagrad(G: Tensor, c: float = 0.4, *, rescale: bool = False, tol: float = 1e-
     if s <= 1e-15:
         return as_output(uniform / ((1.0 + c * c) if rescale else 1.0), G0)
     ones = torch.ones(T, dtype=F64)
+    support = [None]  # the last inner solve's support: a warm start for the next (nearby t, nearby Q)
 
     def inner(t: float) -> tuple[Tensor, float]:
         a = t / s
         Qs = Gs + a * (torch.outer(bvec, ones) + torch.outer(ones, bvec)) + a * a * g0sq
-        w = min_norm_weights(Qs, "cagrad")
+        w, support[0] = min_norm_solve(Qs, "cagrad", support[0])
         return w, math.sqrt(max(float(w @ Gs @ w), 0.0))
 
     M = math.sqrt(float(Gs.diagonal().clamp(min=0.0).max()))

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..base import METHODS, Promises
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import as_output, dual_cone_weights, preference, prepare
+from ..dual_cone import dual_cone_weights
+from ..solvers import as_output, preference, prepare
 
 
 def dualproj(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
@@ -25,7 +26,7 @@ def dualproj(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
     and differ otherwise. Gramian form (the paper's Proposition 1): d = Jᵀw with
     w = argmin_{w ≥ p} wᵀGw, so w ≥ p and d·g_j = (Gw)_j ≥ 0 for every task.
 
-    Solver: `solvers.dual_cone_weights` (the one UPGrad uses, with u = p): NNLS in correlation form
+    Solver: `dual_cone.dual_cone_weights` (the one UPGrad uses, with u = p): NNLS in correlation form
     with a ridge ρ = max(`ridge`, 8·T·eps(G.dtype)) on the correlation matrix (`ridge=0`: the exact
     projection); zero-gradient tasks keep w_i = p_i. TorchJD instead normalises G by its trace
     (`norm_eps` = 1e-4: G = 0 below that) and adds `reg_eps`·I = 1e-4·I to it before calling quadprog,

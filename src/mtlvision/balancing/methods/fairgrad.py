@@ -11,7 +11,7 @@ from ...tasks import Task
 from ..base import METHODS, Promises
 from ..context import StepContext
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import alpha_fair_weights
+from ..alpha_fair import alpha_fair_weights
 
 
 def fairgrad(G: Tensor, alpha: float = 2.0, *, ridge: float = 1e-12, tol: float = 1e-10,
@@ -28,7 +28,7 @@ def fairgrad(G: Tensor, alpha: float = 2.0, *, ridge: float = 1e-12, tol: float 
     fairness; `nash_mtl` is this function at α = 1); α → ∞ approaches max-min fairness; α = 0 would be
     the plain sum (`equal`), excluded here as the equation is then undefined.
 
-    Solver: `solvers.alpha_fair_weights`, exact damped Newton on a strictly convex potential whose
+    Solver: `alpha_fair.alpha_fair_weights`, exact damped Newton on a strictly convex potential whose
     gradient is Gw − w^{-1/α} (see there: correlation form, ridge, zero-gradient tasks get weight 0,
     `GramianSolverError` if it does not converge).
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,7 +31,8 @@ def gradvac(G: Tensor, ema: Optional[Tensor] = None, beta: float = 0.01,
     With φ̂ = 0 the correction is exactly PCGrad's projection.
 
     Gramian form: g_i' = Σ_k C_ik g_k, ||g_i'||² = C_i G C_iᵀ, g_i'·g_j = (C_i G)_j; a correction
-    adds a to C_ij; w = Σ_i C_i.
+    adds a to C_ij; w = Σ_i C_i. The T rows are independent sequences of T − 1 corrections, run side
+    by side (T − 1 vector steps, not T² scalar ones).
 
     State: `ema` is the (T, T) matrix φ̂ (diagonal unused; None means zeros, the paper's
     initialisation); the function does not modify it and returns (w, new_ema), new_ema with
@@ -60,27 +61,41 @@ def gradvac(G: Tensor, ema: Optional[Tensor] = None, beta: float = 0.01,
         if not bool(torch.isfinite(phi_hat).all()):
             raise ValueError("gradvac: ema has NaN or infinite entries")
         ema_dtype, ema_device = ema.dtype, ema.device
-    norms = G.diagonal().clamp(min=0.0).sqrt()
-    C = torch.eye(T, dtype=F64)
+    norms = G.diagonal().clamp(min=0.0).sqrt().numpy()
     lim = 1.0 - 1e-12
+    # The same draws as the task-by-task loop: for each i in order, a permutation of the other tasks.
+    order = np.empty((T, T - 1), dtype=np.int64)
     for i in range(T):
-        others = [j for j in range(T) if j != i]
-        order = [others[k] for k in torch.randperm(T - 1, generator=generator).tolist()]
-        cG = G[i].clone()
-        for j in order:
-            ni = math.sqrt(max(float(cG @ C[i]), 0.0))
-            nj = float(norms[j])
-            if ni <= 0.0 or nj <= 0.0:
-                continue
-            phi = min(max(float(cG[j]) / (ni * nj), -1.0), 1.0)
-            target = float(phi_hat[i, j])
-            if phi < target:
-                tgt = min(max(target, -lim), lim)
-                s_t = math.sqrt(1.0 - tgt * tgt)
-                a = ni * (tgt * math.sqrt(1.0 - phi * phi) - phi * s_t) / (nj * s_t)
-                C[i, j] += a
-                cG += a * G[j]
-            phi_hat[i, j] = (1.0 - beta) * target + beta * phi
+        others = np.array([j for j in range(T) if j != i], dtype=np.int64)
+        order[i] = others[torch.randperm(T - 1, generator=generator).numpy()]
+    # Every row i runs its own sequence of corrections; the rows are independent, so step k of all rows
+    # is one vector operation (row by row the same arithmetic, up to the summation order of ||g_i'||²).
+    Gn = G.numpy()
+    ph = phi_hat.numpy()
+    C = np.eye(T)
+    cG = Gn.copy()  # row i: g_i' . g_k
+    rows = np.arange(T)
+    for k in range(T - 1):
+        j = order[:, k]
+        ni = np.sqrt(np.maximum(np.einsum("ik,ik->i", cG, C), 0.0))
+        nj = norms[j]
+        valid = (ni > 0.0) & (nj > 0.0)
+        if not valid.any():
+            continue
+        r, jv, ni_v, nj_v = rows[valid], j[valid], ni[valid], nj[valid]
+        phi = np.clip(cG[r, jv] / (ni_v * nj_v), -1.0, 1.0)
+        target = ph[r, jv]
+        fix = phi < target
+        if fix.any():
+            tgt = np.clip(target[fix], -lim, lim)
+            s_t = np.sqrt(1.0 - tgt * tgt)
+            p_f = phi[fix]
+            a = ni_v[fix] * (tgt * np.sqrt(1.0 - p_f * p_f) - p_f * s_t) / (nj_v[fix] * s_t)
+            rf, jf = r[fix], jv[fix]
+            C[rf, jf] += a
+            cG[rf] += a[:, None] * Gn[jf]
+        ph[r, jv] = (1.0 - beta) * target + beta * phi
+    C = torch.from_numpy(C)
     return as_output(C.sum(dim=0), G0), phi_hat.to(device=ema_device, dtype=ema_dtype)
 
 

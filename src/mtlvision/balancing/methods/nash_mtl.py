@@ -5,7 +5,7 @@ from torch import Tensor
 
 from ..base import METHODS, Promises
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import alpha_fair_weights
+from ..alpha_fair import alpha_fair_weights
 
 
 def nash_mtl(G: Tensor, *, ridge: float = 1e-12, tol: float = 1e-10, max_iter: int = 500) -> Tensor:
@@ -14,7 +14,7 @@ def nash_mtl(G: Tensor, *, ridge: float = 1e-12, tol: float = 1e-10, max_iter: i
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022. The update d = Σ α_i g_i
     with α > 0 solving Gα = 1/α elementwise, i.e. g_iᵀd = 1/α_i (the paper's Theorem 5.1); then
     ||d||² = αᵀGα = T. This is the α-fair allocation (Gw)_i = w_i^{-1/α} at α = 1 (FairGrad,
-    Ban & Ji 2024), solved by `solvers.alpha_fair_weights`.
+    Ban & Ji 2024), solved by `alpha_fair.alpha_fair_weights`.
 
     Solver (exact, no cvxpy; the official code runs a 20-step sequence of convex approximations
     with ECOS): α is the unique minimiser of the strictly convex, self-concordant

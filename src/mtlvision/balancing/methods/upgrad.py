@@ -8,7 +8,8 @@ from torch import Tensor
 
 from ..base import METHODS, Promises
 from ..gradient import GradientParams, GramianWeighting
-from ..solvers import as_output, dual_cone_weights, preference, prepare
+from ..dual_cone import dual_cone_weights
+from ..solvers import as_output, preference, prepare
 
 
 def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
@@ -24,9 +25,9 @@ def upgrad(G: Tensor, pref: Optional[Tensor] = None, *, ridge: float = 1e-12,
         v = argmin_{v ≥ u} vᵀ G v,
 
     i.e. v = u + λ, λ = argmin_{λ ≥ 0} ½(u + λ)ᵀG(u + λ): a non-negative least-squares problem in
-    Gram form (Q = G, c = −Gu), solved by a Lawson–Hanson active-set method (finite termination;
-    exact up to rounding, dual residual ≤ `tol` relative): `solvers.dual_cone_weights`, shared with
-    DualProj. With u = p_i e_i for each i, w = Σ_i v_i, and d = Jᵀw satisfies d·g_j = (Gw)_j ≥ 0
+    Gram form (Q = G, c = −Gu), solved exactly (dual residual ≤ `tol` relative) for every task at once:
+    `dual_cone.dual_cone_weights` (shared with DualProj) calls `solvers.nnls_gram_many` (batched
+    primal-dual active-set steps, Lawson–Hanson where they do not converge). With u = p_i e_i for each i, w = Σ_i v_i, and d = Jᵀw satisfies d·g_j = (Gw)_j ≥ 0
     for every task.
 
     Conditioning and regularisation: the dual cone does not change when a task gradient is
