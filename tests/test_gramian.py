@@ -602,3 +602,23 @@ def test_torchjd_nash_mtl(T, N, seed):
     # ||Gα − 1/α|| < 1e-3 on the Frobenius-normalised Gramian: agreement to about 1e-3.
     d = agg(J, nash_mtl(gram(J)))
     assert torch.allclose(d, d_ref, atol=1e-2 * float(d.norm()))
+
+
+@pytest.mark.parametrize("method", ["mgda", "cagrad"])
+def test_absent_tasks_are_left_out_of_mgda_and_cagrad(method):
+    """A task with no labelled row in the batch (loss 0) has a zero gradient, which would put 0 in MGDA's convex
+    hull and make CAGrad's optimum 0 (no step): both give it weight 0 and solve the other tasks alone."""
+    from mtlvision.balancing import build_balancer
+    from mtlvision.balancing.gradient import TaskGradients
+    from mtlvision.tasks import Task
+
+    J = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.0, 0.0], [-0.3, 1.0, 0.5]], dtype=torch.float64)
+    tasks = [Task(n, ["x", "y"]) for n in "abc"]
+    balancer = build_balancer({"method": method}, tasks)
+    combine = lambda J, losses: balancer.combine(TaskGradients(J, J @ J.T, losses), None)  # noqa: E731
+    full = combine(J, torch.tensor([0.7, 0.0, 0.4], dtype=torch.float64))
+    alone = combine(J[[0, 2]], torch.tensor([0.7, 0.4], dtype=torch.float64))
+    assert full.weights[1] == 0 and torch.allclose(full.weights[[0, 2]], alone.weights)
+    assert full.update.norm() > 0.1  # kept in, the zero row would make the update 0
+    present = combine(J, torch.tensor([0.7, 0.1, 0.4], dtype=torch.float64))  # present, zero gradient: the paper
+    assert present.update.norm() < 1e-9 if method == "mgda" else True

@@ -117,6 +117,10 @@ class GramianWeighting(GradientMethod):
     also depend on the method's parameters or the step) or, with state, `step(G, ctx)`."""
 
     solver: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # Leave out tasks absent from the batch (loss exactly 0: no labelled row, as the loss-weighting methods
+    # define it), for stateless methods whose solution a zero gradient would collapse: weight 0, the others
+    # solved among themselves.
+    skip_absent: bool = False
 
     def weights(self, G: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.solver is None:
@@ -128,7 +132,13 @@ class GramianWeighting(GradientMethod):
         return self.weights(G, ctx), {}
 
     def combine(self, grads: TaskGradients, ctx: StepContext) -> Combination:
-        w, state = self.step(grads.gramian, ctx)
+        present = (grads.losses != 0).nonzero().squeeze(-1) if self.skip_absent else None
+        if present is None or len(present) in (0, len(grads.losses)):
+            w, state = self.step(grads.gramian, ctx)
+        else:
+            idx = present.to(grads.gramian.device)
+            sub, state = self.step(grads.gramian[idx][:, idx], ctx)
+            w = sub.new_zeros(len(grads.losses)).index_copy(0, idx.to(sub.device), sub)
         w = w.to(grads.matrix.dtype)
         return Combination(w @ grads.matrix, w, state=state)
 

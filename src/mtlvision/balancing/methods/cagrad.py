@@ -142,6 +142,10 @@ class CAGradParams(GradientParams):
 class CAGrad(GramianWeighting):
     """CAGrad weights (`cagrad`) with the configured `c` and `rescale`."""
 
+    # a task with no labelled row in the batch (loss 0) would make the optimum g_w = 0 and skip the step:
+    # it is left out (weight 0; g0 and the ball are the other tasks'), not part of the paper
+    skip_absent = True
+
     def __init__(self, p: CAGradParams, tasks: list[Task]) -> None:
         super().__init__(p, tasks)
         self.c, self.rescale = p.c, p.rescale

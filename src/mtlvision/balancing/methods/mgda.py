@@ -93,5 +93,8 @@ def _frank_wolfe(G: Tensor, max_iter: int, tol: float) -> Tensor:
 class MGDA(GramianWeighting):
     """MGDA weights (`mgda`) on the step's Gramian; in feature space this is MGDA-UB."""
 
+    # a task with no labelled row in the batch (loss 0) would put 0 in the convex hull and stop the step:
+    # it is left out (weight 0), not part of the paper (IMTL-G and Nash-MTL do the same for zero gradients)
+    skip_absent = True
     promises = Promises(non_conflicting=True)
     solver = staticmethod(mgda)
