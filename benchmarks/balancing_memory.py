@@ -25,7 +25,7 @@ import torch
 
 from _common import default_threads, environment
 
-from balancing_overhead import add_setup_args, j_mib, kind, make_trainer
+from balancing_overhead import add_setup_args, j_mib, kind, make_trainer, task_counts
 
 SMOKE = {"tasks": [3], "inputs": ["single"], "methods": ["equal", "pcgrad"], "width": 0.0625, "batch_size": 12,
          "steps": 1, "warmup": 0, "threads": 1}
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="EW and PCGrad on a tiny network, one step each: checks that the script works")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    task_counts(ap, args)
     if args.smoke:
         vars(args).update(SMOKE)
     if args._child:
