@@ -10,9 +10,13 @@ from torch.func import functional_call
 
 from mtlvision.balancing import StepContext, build_balancer
 from mtlvision.balancing.spaces import SPACES, per_task_rows
-from mtlvision.config import ModelConfig
+from mtlvision.config import ModelConfig, load_config
 from mtlvision.models import build_model
+from mtlvision.models.architectures.task_features import SharingJacobian
 from mtlvision.tasks import Task
+from mtlvision.training import build_trainer
+
+from conftest import tiny_config
 
 TASKS = [Task("a", ["0", "1", "2"]), Task("b", ["x", "y"]), Task("c", ["p", "q", "r", "s"]), Task("d", ["u", "v"]),
          Task("e", ["0", "1", "2"])]
@@ -66,6 +70,18 @@ def test_closed_form_equals_per_task_autograd(sharing, head):
         transformed = [torch.log(o + 0.1) * (i + 1) for i, o in enumerate(losses)]
         assert _rel(out.task_jacobian(transformed), _rows(transformed, out)) < tol
         assert all(p.grad is None for p in model.parameters())  # the rows touch no .grad
+
+
+def test_rows_in_chunks_of_the_batch(monkeypatch):
+    """The (B, T, T, d) products run over chunks of rows: 4 + 2 rows here, as one chunk of all 6."""
+    model = _model("attention", "mlp")
+    out = model(_x(), split=True)
+    losses = _losses(out)
+    whole = out.task_jacobian(losses)
+    monkeypatch.setattr(SharingJacobian, "chunk", 4 * len(TASKS) ** 2 * 8)
+    assert _rel(out.task_jacobian(losses), whole) < 1e-6  # float rounding of other matrix-product blocks
+    monkeypatch.setattr(SharingJacobian, "chunk", 1)  # below one row: one row at a time
+    assert _rel(out.task_jacobian(losses), whole) < 1e-6
 
 
 def test_offered_only_at_a_split_cut():
@@ -146,3 +162,20 @@ def test_feature_space_methods_step_alike_with_the_closed_form(method, sharing, 
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-5 * float(ref[name].abs().max()) + 1e-8,
                                    msg=lambda m, name=name: f"{method} {name}: {m}")
+
+
+def test_trainer_and_probe_contexts_carry_the_closed_form(tmp_path, monkeypatch):
+    cfg = tiny_config(data__source__n_train=40, data__source__n_test=20, data__batch_size=8, train__threads=1,
+                      train__device="cpu")
+    cfg["balancing"] = {"method": "pcgrad", "space": "feature"}
+    tr = build_trainer(load_config(data=cfg), tmp_path, quiet=True)
+    calls, closed_form = [], SharingJacobian.__call__
+    monkeypatch.setattr(SharingJacobian, "__call__", lambda self, o: calls.append(len(o)) or closed_form(self, o))
+    tr.train_step(0, 0)
+    assert calls == [len(tr.tasks)]  # the step's rows came from the closed form
+    batch = tr.next_batch(0, 1)
+    shift = {p: torch.full_like(p, 0.05) for p in tr.model.parameters()}
+    probe = tr.prober.for_step(batch.x, batch.labels, batch.rows, 0, 1)("train", 0, shift)
+    losses = [probe.losses[t.name] for t in tr.tasks]
+    assert probe.ctx.task_jacobian is not None
+    assert _rel(probe.ctx.task_jacobian(losses), _rows(losses, probe.ctx)) < 1e-5

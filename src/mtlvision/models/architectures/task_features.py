@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ class SharingJacobian:
         ∂/∂p_s = R_s ⊙ X_ts − μ1_ts 1 − μ2_ts x̂_s,   μ1_ts = <R_s, X_ts> / d,   μ2_ts = <R_s ⊙ x̂_s, X_ts> / d
 
     and ∂objective_t/∂h = Σ_s W_sᵀ ∂/∂p_s. The inner products μ are small (B, T, T) products of the (B, T, d)
-    fields; the first term is one (B·T, T·d) x (T·d, D) matrix product: B·T²·d·D multiply-adds, where T
+    fields; the first term is a (B·T, T·d) x (T·d, D) matrix product: B·T²·d·D multiply-adds, where T
     autograd calls would also cross LayerNorm, the value/key/query/output layers and the softmax T times.
     """
 
@@ -124,6 +124,7 @@ class SharingJacobian:
     weights: tuple[torch.Tensor, ...]  # W_s (T, d, D), γ, W_v, W_o[, W_q, W_k]
     eps: float  # LayerNorm's
     scale: float  # 1 / √d
+    chunk: ClassVar[int] = 2 ** 22  # elements of the (rows, T, T, d) buffer (at least one row)
 
     def __call__(self, objectives: list[torch.Tensor]) -> torch.Tensor:
         T, (B, _, d), (D,) = self.pre.shape[1], self.pre.shape, self.weights[0].shape[2:]
@@ -155,13 +156,20 @@ class SharingJacobian:
             out.diagonal(0, 1, 2).add_((F * y).sum(-1))
             return out
 
-        X = torch.empty(B, T, T, d, dtype=dtype, device=g.device)  # R_s ⊙ X_ts, built in place
-        torch.mul(terms[0][0].unsqueeze(-1), terms[0][1].unsqueeze(2), out=X)
-        for C, V in terms[1:]:
-            X.addcmul_(C.unsqueeze(-1), V.unsqueeze(2))
-        X.mul_(R.unsqueeze(1))
-        X.diagonal(0, 1, 2).add_((R * y).transpose(1, 2))
-        J = (X.view(B * T, T * d) @ W.reshape(T * d, D)).view(B, T, D)
+        J = torch.empty(B, T, D, dtype=dtype, device=g.device)
+        # Σ_s W_sᵀ (R_s ⊙ X_ts) in chunks of rows: R ⊙ X is (B, T, T, d), a fresh allocation of that size costs
+        # more in page faults than filling it; one buffer of at most `chunk` elements is reused instead
+        rows = max(1, min(B, self.chunk // (T * T * d)))
+        buffer = torch.empty(rows, T, T, d, dtype=dtype, device=g.device)
+        for i in range(0, B, rows):
+            n, part = min(rows, B - i), slice(i, i + rows)
+            X = buffer[:n]
+            torch.mul(terms[0][0][part].unsqueeze(-1), terms[0][1][part].unsqueeze(2), out=X)
+            for C, V in terms[1:]:
+                X.addcmul_(C[part].unsqueeze(-1), V[part].unsqueeze(2))
+            X.mul_(R[part].unsqueeze(1))
+            X.diagonal(0, 1, 2).add_((R[part] * y[part]).transpose(1, 2))
+            torch.mm(X.view(n * T, T * d), W.reshape(T * d, D), out=J[part].view(n * T, D))
         J -= torch.einsum("bts,sD->btD", inner(R) / d, W.sum(1))
         J -= torch.einsum("bts,bsD->btD", inner(R * xhat) / d, torch.einsum("bsk,skD->bsD", xhat, W))
         return J.transpose(0, 1).reshape(T, B * D)
