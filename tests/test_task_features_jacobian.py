@@ -179,3 +179,19 @@ def test_trainer_and_probe_contexts_carry_the_closed_form(tmp_path, monkeypatch)
     losses = [probe.losses[t.name] for t in tr.tasks]
     assert probe.ctx.task_jacobian is not None
     assert _rel(probe.ctx.task_jacobian(losses), _rows(losses, probe.ctx)) < 1e-5
+
+
+def test_objectives_of_another_forward_are_refused():
+    model = _model()
+    first, second = model(_x(), split=True), model(_x(), split=True)
+    with pytest.raises(ValueError, match="do not depend on the heads' inputs"):
+        first.task_jacobian(_losses(second))
+
+
+def test_not_offered_by_a_compiled_forward():
+    """Compiled, u is an output of one fused autograd node, off the logits' path: rows from it would be zero."""
+    model = _model()
+    torch._dynamo.reset()
+    out = torch.compile(model)(_x(), split=True)
+    assert out.task_jacobian is None
+    assert out.shared[0].requires_grad and not out.shared[0].grad_fn  # still split: per-task autograd rows

@@ -31,7 +31,7 @@ class ModelOutput:
     `task_jacobian`: optional, offered by an architecture whose per-task gradients at the shared tensors have
     a cheaper exact form than one autograd call per task (task-features: one backward to the heads' inputs,
     then a closed form through its sharing module). Only when the model was split at the cut (`cut`): the
-    rows are gradients at the `shared` leaves. Valid only for objectives where objective t depends on the
+    rows are gradients at the `shared` leaves; and not from a compiled forward (see `forward`). Valid only for objectives where objective t depends on the
     shared tensors through task t's own logits alone (each task's loss, or a function of it); it keeps the
     graph (the task-specific parameters are differentiated afterwards, `GradientSpace.apply_task_grads`).
     """
@@ -93,7 +93,9 @@ class Architecture(nn.Module):
         """Each task's logits, and the shared tensors on both sides of the cut (`split`: see `cut`)."""
         trunk = (self.backbone(x),)
         shared = self.cut(*trunk, split=split)
-        if not self.splits(split):
+        # compiled (torch.compile), the intermediates a closed form differentiates are outputs of one fused
+        # autograd node, no longer on the path to the logits: not offered there
+        if not self.splits(split) or torch.compiler.is_compiling():
             return ModelOutput(self.decode(shared[0]), shared, trunk)
         logits, jacobian = self.decode_at_cut(shared[0])
         return ModelOutput(logits, shared, trunk, jacobian)

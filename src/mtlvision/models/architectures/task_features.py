@@ -131,10 +131,13 @@ class SharingJacobian:
         if len(objectives) != T:
             raise ValueError(f"task-features' Jacobian: expected one objective per task ({T}), got {len(objectives)}")
         used = [o for o in objectives if o.requires_grad]
-        g = torch.autograd.grad(used, self.u, retain_graph=True, allow_unused=True)[0] if used else None
         dtype = torch.promote_types(self.u.dtype, torch.float32)
-        if g is None:  # no objective reaches h
+        if not used:  # constant objectives: zero rows
             return torch.zeros(T, B * D, dtype=dtype, device=self.u.device)
+        g = torch.autograd.grad(used, self.u, retain_graph=True, allow_unused=True)[0]
+        if g is None:  # every task's logits read u: these objectives are not functions of the task losses
+            raise ValueError("task-features' Jacobian: the objectives do not depend on the heads' inputs u; it "
+                             "applies to functions of the forward's own task logits only")
         g, pre, z, a, v = (t.detach().to(dtype) for t in (g, self.pre, self.z, self.mix, self.value))
         W, gamma, Wv, Wo, *qk = (w.detach().to(dtype) for w in self.weights)
         gm = g @ Wo
