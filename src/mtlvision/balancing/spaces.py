@@ -10,8 +10,9 @@ never which space they run in.
   with respect to the shared tensors only, each traversing its own task's modules: where those are
   private to the task (heads; MTAN's attention, MoE gates, cross-stitch heads) the T calls together
   cost one backward through them; a module every task reads is crossed once per task, unless the
-  architecture offers the rows in closed form (task-features, see the module note). Then ONE backward through the trunk with the combined gradient. (A vmap-batched pass
-  over the tasks was measured on the CPU and was slower: see the module note at the end.)
+  architecture offers the rows in closed form (task-features, see the module note). Then ONE backward
+  through the trunk with the combined gradient. (A vmap-batched pass over the tasks was measured on the
+  CPU and was slower: see the module note at the end.)
   It balances what the trunk receives through the representation, an upper-bound surrogate of the
   exact parameter-space problem. In multi-input runs every task owns different rows of the
   representation, so cross-task inner products are zero there; use `parameter` to see conflicts.

@@ -31,9 +31,10 @@ class ModelOutput:
     `task_jacobian`: optional, offered by an architecture whose per-task gradients at the shared tensors have
     a cheaper exact form than one autograd call per task (task-features: one backward to the heads' inputs,
     then a closed form through its sharing module). Only when the model was split at the cut (`cut`): the
-    rows are gradients at the `shared` leaves; and not from a compiled forward (see `forward`). Valid only for objectives where objective t depends on the
-    shared tensors through task t's own logits alone (each task's loss, or a function of it); it keeps the
-    graph (the task-specific parameters are differentiated afterwards, `GradientSpace.apply_task_grads`).
+    rows are gradients at the `shared` leaves; and not from a compiled forward (see `forward`). Valid only
+    for objectives where objective t depends on the shared tensors through task t's own logits alone (each
+    task's loss, or a function of it); it keeps the graph (the task-specific parameters are differentiated
+    afterwards, `GradientSpace.apply_task_grads`).
     """
 
     logits: dict[str, torch.Tensor]
