@@ -63,6 +63,11 @@ class StepContext:
     `trunk` holds the same tensors on the trunk's side of the cut (they differ when the model split
     the graph there, `model(x, split=True)`); back-propagating into `trunk` reaches every shared
     parameter exactly once.
+
+    `task_jacobian` is the model's `ModelOutput.task_jacobian` when it offers one (only when split):
+    objectives (one per task) -> the feature-space J, exactly what one autograd call per task gives
+    (`FeatureSpace.jacobian` uses it), valid for objectives that read the shared tensors through their own
+    task's logits only. None: not offered.
     """
 
     shared: tuple[torch.Tensor, ...]
@@ -76,6 +81,7 @@ class StepContext:
     trunk: Optional[tuple[torch.Tensor, ...]] = None  # None: the same tensors as `shared`
     world_size: int = 1  # data-parallel ranks `all_reduce` sums over
     probe: Optional[ProbeFn] = None  # extra forward passes (module docstring); None: not provided
+    task_jacobian: Optional[Callable[[list[torch.Tensor]], torch.Tensor]] = None  # see the class docstring
 
     def __post_init__(self) -> None:
         if isinstance(self.shared, torch.Tensor):

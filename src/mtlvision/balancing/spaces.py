@@ -9,9 +9,10 @@ never which space they run in.
   MTAN's stage outputs, their per-example concatenation). The T rows cost one autograd call per task
   with respect to the shared tensors only, each traversing its own task's modules: where those are
   private to the task (heads; MTAN's attention, MoE gates, cross-stitch heads) the T calls together
-  cost one backward through them; a module every task reads (task-features' attention) is crossed
-  once per task. Then ONE backward through the trunk with the combined gradient. (A vmap-batched pass
-  over the tasks was measured on the CPU and was slower: see the module note at the end.)
+  cost one backward through them; a module every task reads is crossed once per task, unless the
+  architecture offers the rows in closed form (task-features, see the module note). Then ONE backward
+  through the trunk with the combined gradient. (A vmap-batched pass over the tasks was measured on the
+  CPU and was slower: see the module note at the end.)
   It balances what the trunk receives through the representation, an upper-bound surrogate of the
   exact parameter-space problem. In multi-input runs every task owns different rows of the
   representation, so cross-task inner products are zero there; use `parameter` to see conflicts.
@@ -38,6 +39,9 @@ as the loop: the per-task cotangents of a module all tasks read become dense (T,
 the pass is memory-bound; private heads are back-propagated T times each), and one hooked backward
 through the task-private modules followed by a batched pass through the shared-by-all ones (no faster
 than the loop, plus Python work per graph node: O(T²) nodes in cross-stitch's final mixing).
+An architecture can do better with its own structure: task-features offers its rows in closed form
+(`ModelOutput.task_jacobian`, carried by `StepContext.task_jacobian`): one backward of the summed objectives
+to the heads' inputs, then a few batched products through the sharing module instead of T passes through it.
 """
 from __future__ import annotations
 
@@ -118,8 +122,15 @@ class FeatureSpace(GradientSpace):
     shared_grads_reduced = False
 
     def jacobian(self, objectives: list[torch.Tensor], ctx: StepContext) -> Jacobian:
-        matrix = per_task_rows(objectives, list(ctx.shared),
-                               lambda grads: torch.cat([g.reshape(len(g), -1) for g in grads], 1).reshape(-1))
+        """Row t: objective t's gradient at the shared tensors, each flattened per example and concatenated.
+        Taken by the model's closed form where it offers one (`StepContext.task_jacobian`: task-features),
+        else by one autograd call per task (`per_task_rows`). Not a fallback: both give the same J, the first
+        without crossing a module that every task reads once per task (the module note "Note on many tasks")."""
+        if ctx.task_jacobian is not None:
+            matrix = ctx.task_jacobian(objectives)
+        else:
+            matrix = per_task_rows(objectives, list(ctx.shared),
+                                   lambda grads: torch.cat([g.reshape(len(g), -1) for g in grads], 1).reshape(-1))
         return Jacobian(matrix.float(), task_parameters(ctx), objectives)
 
     def gramian(self, matrix: torch.Tensor, ctx: StepContext) -> torch.Tensor:

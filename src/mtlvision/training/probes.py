@@ -70,7 +70,8 @@ class Prober:
             if tr.dist.active:
                 losses = tr.dist.global_losses(losses, {t.name: (py[t.name] >= 0).sum() for t in tr.tasks})
             ctx = StepContext(out.shared, tr.parts.shared_params, tr.parts.task_params, step, epoch,
-                              trunk=out.trunk, all_reduce=tr.dist.all_reduce, world_size=tr.dist.world_size)
+                              trunk=out.trunk, all_reduce=tr.dist.all_reduce, world_size=tr.dist.world_size,
+                              task_jacobian=out.task_jacobian)
             return Probe(losses, ctx)
 
         return probe

@@ -78,7 +78,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(out.shared, p.shared_params, p.task_params, step, epoch, trunk=out.trunk,
                           all_reduce=self.dist.all_reduce, world_size=self.dist.world_size,
-                          probe=self.prober.for_step(x, labels, rows, epoch, step))
+                          probe=self.prober.for_step(x, labels, rows, epoch, step),
+                          task_jacobian=out.task_jacobian)  # a closed-form feature-space J, where offered
         weights = self.balancer.backward(losses, ctx)
         self.dist.average_gradients(p.averaged)
         if self.cfg.train.grad_clip:
