@@ -44,7 +44,7 @@ from mtlvision.config import load_config, set_path
 from mtlvision.data.build import _load
 from mtlvision.data.cache import cache_key
 from mtlvision.data.sources import SOURCES
-from mtlvision.training import Trainer, build_trainer
+from mtlvision.training import build_trainer
 
 GOAL = 0.95
 DEFAULT_DATA = "../shared/data/cifar10"

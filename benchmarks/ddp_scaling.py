@@ -35,7 +35,7 @@ from _common import default_threads, environment, report  # also registers bench
 from _timing import fmt_ratio, ratio_stats
 
 from mtlvision.config import load_config
-from mtlvision.training import Trainer, build_trainer
+from mtlvision.training import build_trainer
 
 
 def _worker(rank: int, world: int, threads: int, args: argparse.Namespace, tmp: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError
-from ...registry import SOURCES
+from ...registry import SOURCES as SOURCES  # re-exported: `from mtlvision.data.sources import SOURCES`
 from ...tasks import Task
 from ..arrays import ImageSet
 from ..files import SizeLimit

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ...registry import ARCHITECTURES
+from ...registry import ARCHITECTURES as ARCHITECTURES  # re-exported to the architecture modules
 from ...tasks import Task
 from ..backbones import Backbone
 
