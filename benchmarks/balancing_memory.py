@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"peak memory per balancing method: resnet18 w{args.width}, batch {args.batch_size}, {args.space} "
           f"space, {args.warmup}+{args.steps} steps per process, {environment()}")
-    print(f"{'T':>3} {'input':6} {'method':12} {'kind':19} {'J MiB':>7} {'RSS MiB':>8} {'RSS-EW':>7} {'CUDA MiB':>9}")
+    print(f"{'T':>3} {'input':6} {'method':12} {'kind':24} {'J MiB':>7} {'RSS MiB':>8} {'RSS-EW':>7} {'CUDA MiB':>9}")
     for r in rows:
         cuda = f"{r['peak_cuda_mib']:.0f}" if r["peak_cuda_mib"] is not None else "-"
-        print(f"{r['tasks']:>3} {r['input']:6} {r['method']:12} {r['kind']:19} {r['j_mib']:7.1f} "
+        print(f"{r['tasks']:>3} {r['input']:6} {r['method']:12} {r['kind']:24} {r['j_mib']:7.1f} "
               f"{r['peak_rss_mib']:8.0f} {r['rss_over_ew_mib']:+7.0f} {cuda:>9}")
     return 0
 

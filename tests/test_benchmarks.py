@@ -89,8 +89,9 @@ def test_balancing_overhead_smoke(smoke_runs, request):
     out = smoke(smoke_runs, request)
     has_keys(out, "rows", "resolved_3pct", "env", "args")
     kinds = {r["kind"] for r in out["rows"]}
-    assert kinds == {"loss", "gradient/feature", "gradient/parameter"}
+    assert kinds == {"loss", "gradient/feature", "gradient/parameter", "loss+probe", "gradient/parameter+probe"}
     assert {r["input"] for r in out["rows"]} == {"single", "multi"}
+    assert all(r["goal"] is None for r in out["rows"] if r["kind"].endswith("+probe"))  # extra batches by design
     for r in out["rows"]:
         has_keys(r, "tasks", "method", "ms_per_step", "goal", "j_mib", "peak_cuda_mib", *RATIO_FIELDS)
         assert r["verdict"] in ({"pass", "fail", "inconclusive"} if r["goal"] else {None})
