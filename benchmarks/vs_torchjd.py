@@ -192,8 +192,9 @@ def agreement(method: str, base: torch.nn.Module, tasks: list[Task], batch: tupl
 
 
 def child(args: argparse.Namespace) -> int:
-    """--_child KIND/METHOD: two steps of one variant in this fresh process, then its peak RSS as JSON."""
-    kind, method = args._child.split("/")
+    """--_child METHOD/KIND (a variant's name, as `bench` keys them; EW is equal/ew): two steps of that variant
+    in this fresh process, then its peak RSS as JSON."""
+    method, kind = args._child.split("/")
     base, tasks, batches = setup(args.tasks[0], args)
     v = Variant(kind, method, base, tasks)
     for i in range(2):
@@ -225,7 +226,7 @@ def bench(tasks: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             torch.cuda.synchronize()
             peaks[name] = torch.cuda.max_memory_allocated() / 2**20
         elif args.memory:
-            peaks[name] = memory(name if name != "ew" else "ew/equal", tasks, args)
+            peaks[name] = memory(name if name != "ew" else "equal/ew", tasks, args)
 
     def runner(v: Variant) -> Callable[[], None]:
         return lambda: v.step(*batches[v.step_no % len(batches)])

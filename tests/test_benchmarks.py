@@ -55,6 +55,7 @@ COMMANDS = {
     "test_ddp_scaling_smoke": _script("ddp_scaling.py"),
     "test_cifar10_reference_smoke": ([sys.executable, str(BENCH / "cifar10_reference.py"), "--smoke"], {}),
     "test_vs_torchjd_smoke": _script("vs_torchjd.py"),
+    "test_vs_torchjd_memory_smoke": _script("vs_torchjd.py", "--memory", "--methods", "pcgrad"),
     "test_finetune_step_smoke": _script("finetune_step.py"),
     "test_shell_benchmarks_dry_run[gpu_cifar10.sh]": _dry("gpu_cifar10.sh", "--set", "train.epochs=50"),
     "test_shell_benchmarks_dry_run[methods_multimnist.sh]": _dry("methods_multimnist.sh", "equal", "pcgrad", "db_mtl"),
@@ -254,3 +255,12 @@ def test_verdict_needs_the_whole_interval_on_one_side(timing):
     assert timing.verdict(stats([0.97, 0.98, 0.99, 0.97, 0.98, 0.99, 0.98]), 0.95, higher_is_better=True) == "pass"
     assert timing.within(stats([1.00, 1.01, 0.99, 1.02, 0.98, 1.00, 1.01]))
     assert not timing.within(stats([1.00, 1.05, 0.99, 1.06, 0.98, 1.04, 1.01]))
+
+
+def test_vs_torchjd_memory_smoke(smoke_runs, request):
+    """--memory: every variant (EW and the four kinds of a method) stepped in its own process."""
+    pytest.importorskip("torchjd", reason="TorchJD is not installed (a test dependency: pip install -e .[dev])")
+    out = smoke(smoke_runs, request)
+    peaks = {r["variant"]: r["peak_mib"] for r in out["rows"]}
+    assert set(peaks) == {"ew", "mtl-feature", "mtl-parameter", "jd-autojac", "jd-autogram"}
+    assert all(v is not None and v > 0 for v in peaks.values()), peaks
