@@ -21,7 +21,7 @@ from mtlvision.balancing.solvers import GramianSolverError
 from mtlvision.errors import ConfigError
 from mtlvision.tasks import Task
 
-from test_gramian import _make, rand_J, t
+from test_gramian import _make, _quadprog_projector, rand_J, t
 from test_gramian import _torchjd_aggregation as _torchjd
 
 F64 = torch.float64
@@ -167,10 +167,7 @@ def test_dualproj_and_upgrad_share_the_projection():
 @pytest.mark.parametrize("T,N,seed", CROSS)
 def test_torchjd_dualproj(T, N, seed):
     A = _torchjd()
-    try:
-        from torchjd.linalg import QuadprogProjector
-    except ImportError:
-        pytest.skip("this torchjd version has no torchjd.linalg.QuadprogProjector")
+    QuadprogProjector = _quadprog_projector()
     J = rand_J(T, N, seed)
     G = J @ J.T
     exact = _make(lambda: A.DualProjWeighting(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0)),

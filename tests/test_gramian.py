@@ -515,16 +515,22 @@ def _make(factory, what):
         pytest.skip(f"TorchJD {what} needs optional dependencies that are not installed: {exc}")
 
 
+def _quadprog_projector():
+    """TorchJD's QuadprogProjector class (torchjd >= 0.18), or skip."""
+    try:
+        from torchjd.linalg import QuadprogProjector
+    except ImportError:
+        pytest.skip("this torchjd version has no torchjd.linalg.QuadprogProjector")
+    return QuadprogProjector
+
+
 CROSS = [(3, 5, 0), (4, 8, 1), (5, 12, 2), (2, 4, 3)]
 
 
 @pytest.mark.parametrize("T,N,seed", CROSS)
 def test_torchjd_upgrad(T, N, seed):
     A = _torchjd_aggregation()
-    try:
-        from torchjd.linalg import QuadprogProjector  # torchjd >= 0.18
-    except ImportError:
-        pytest.skip("this torchjd version has no torchjd.linalg.QuadprogProjector")
+    QuadprogProjector = _quadprog_projector()
     J = rand_J(T, N, seed)
     G = gram(J)
     ref = _make(lambda: A.UPGradWeighting(projector=QuadprogProjector(reg_eps=0.0)), "UPGrad")(G)
