@@ -40,7 +40,8 @@ from mtlvision.config import load_config
 from mtlvision.training import Trainer, build_trainer
 
 GOALS = {"loss": 1.05, "feature": 1.3, "feature-multi": 1.2, "feature-many": 1.2}  # many: T >= 40 (issue 16)
-SMOKE = {"tasks": [3], "methods": ["equal", "fixed", "uw", "pcgrad", "db_mtl", "auto_lambda", "modo"], "width": 0.0625, "batch_size": 12}
+SMOKE = {"tasks": [3], "methods": ["equal", "fixed", "uw", "pcgrad", "db_mtl", "auto_lambda", "modo"],
+         "width": 0.0625, "batch_size": 12}
 
 
 def make_trainer(tasks: int, multi: bool, args: argparse.Namespace, out: str, method: str = "equal") -> Trainer:
@@ -79,6 +80,15 @@ def kind(balancer: Any) -> str:
     backwards on other batches by design (SDMGrad, MoDo, Auto-Lambda: no goal, their cost is the method)."""
     base = f"gradient/{balancer.space}" if isinstance(balancer, GradientMethod) else "loss"
     return f"{base}+probe" if balancer.needs_probe else base
+
+
+def goal_for(k: str, multi: bool, tasks: int) -> float | None:
+    """The step-time goal of a method of kind `k` (none for parameter space and for probing methods)."""
+    if k.startswith("gradient/parameter") or k.endswith("+probe"):
+        return None
+    if k == "loss":
+        return GOALS["loss"]
+    return GOALS["feature-multi"] if multi else GOALS["feature-many"] if tasks >= 40 else GOALS["feature"]
 
 
 def j_mib(tr: Trainer, tasks: int, k: str) -> float:
@@ -124,8 +134,7 @@ def bench(tasks: int, multi: bool, args: argparse.Namespace) -> list[dict[str, A
         for m in balancers:
             k = kind(balancers[m])
             stats = ratio_stats(times[m], times["equal"])
-            goal = None if k.startswith("gradient/parameter") or k.endswith("+probe") else GOALS["loss"] if k == "loss" else \
-                GOALS["feature-multi"] if multi else GOALS["feature-many"] if tasks >= 40 else GOALS["feature"]
+            goal = goal_for(k, multi, tasks)
             rows.append({"tasks": tasks, "input": "multi" if multi else "single", "method": m, "kind": k,
                          "ms_per_step": 1000 * statistics.median(times[m]), **ratio_fields(stats, goal),
                          "j_mib": j_mib(tr, tasks, k), "peak_cuda_mib": peaks.get(m)})
