@@ -48,6 +48,33 @@ def test_plan_covers_the_grid_with_single_task_baselines_first(tmp_path):
     assert len({r.out for r in runs}) == len(runs)
 
 
+def test_single_task_runs_take_a_budget_of_their_own_beside_the_same_epoch_ones(tmp_path, monkeypatch):
+    path = _suite(tmp_path, seeds=[0], methods=["equal"], single_task_set=["train.epochs=3"])
+    suite, base = bench.load_suite(path)
+    out = tmp_path / "out"
+    runs = bench.plan(suite, base, out, ["train.lr=0.2"])
+    stl, mtl = [r for r in runs if r.kind == "stl"], [r for r in runs if r.kind == "mtl"]
+    assert [r.out.relative_to(out).as_posix() for r in stl] == ["stl-train.epochs=3/shape/seed0",
+                                                                "stl-train.epochs=3/position/seed0"]
+    cfg = load_config(base, stl[0].overrides)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.2  # after the suite's `set`, before the command line
+    assert load_config(base, mtl[0].overrides).train.epochs == 1  # the multi-task runs keep the shared budget
+    # the same-epoch baselines of a suite without single_task_set share the multi-task runs
+    (tmp_path / "plain").mkdir()
+    plain_suite = _suite(tmp_path / "plain", seeds=[0], methods=["equal"])
+    plain = bench.plan(bench.load_suite(plain_suite)[0], base, out)
+    assert {r.out for r in plain if r.kind == "mtl"} == {r.out for r in mtl}
+    assert {r.out.parent.parent.name for r in plain if r.kind == "stl"} == {"stl"}
+    for run in runs:
+        _fake_summary(run, {"shape": 0.8, "position": 0.6})
+    monkeypatch.setattr(bench, "run_one", lambda run, base: pytest.fail(f"{run.out} was finished"))
+    bench.run_suite(path, out)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["architecture"] for r in rows] == ["single-task (train.epochs=3)", "hps"]
+    with pytest.raises(ConfigError, match="single_task_set: given, but single_task is false"):
+        bench.load_suite(_suite(tmp_path / "plain", single_task=False, single_task_set=["train.epochs=3"]))
+
+
 def test_finished_runs_are_skipped_and_results_aggregate_over_seeds(tmp_path, monkeypatch):
     path = _suite(tmp_path)
     suite, base = bench.load_suite(path)

@@ -9,9 +9,12 @@ A suite YAML names a base run config, the budget overrides every run shares, and
     methods: [equal, mgda, {method: cagrad, c: 0.4}]
     architectures: [hps, task-features] # default: the base config's
     single_task: true
+    single_task_set: [train.epochs=64]  # optional: the single-task runs' own budget, after `set`
 
 Every run is its own `mtlvision train` process (so a crash or a leak stays in one run, and the peak
-memory it reports is its own) in OUT/<architecture>/<method>/seed<k> or OUT/stl/<task>/seed<k>;
+memory it reports is its own) in OUT/<architecture>/<method>/seed<k> or OUT/stl/<task>/seed<k>
+(OUT/stl-<single_task_set>/<task>/seed<k> with a budget of their own, so baselines of two budgets share the
+multi-task runs);
 finished runs are skipped and interrupted ones resumed, so re-running the command completes a suite.
 Δm of a row is taken between the seed means of its runs and of the single-task runs; its spread
 includes both sides' seed variance (propagated, see `evaluation/delta_m.py`), with a Student-t 95%
@@ -52,12 +55,18 @@ class Suite:
     methods: list[Part] = dataclasses.field(default_factory=lambda: ["equal"])
     architectures: list[Part] = dataclasses.field(default_factory=list)
     single_task: bool = True
+    # overrides for the single-task runs only, applied after `set` and before the command line's --set: a
+    # task with 1/T of the images makes 1/T of the steps at the same epochs (Omniglot as 50 tasks)
+    single_task_set: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected a non-empty list of distinct integers, got {self.seeds}")
         if not self.methods:
             raise ConfigError("methods: expected at least one balancing method")
+        if self.single_task_set and not self.single_task:
+            raise ConfigError("single_task_set: given, but single_task is false (no single-task runs to apply "
+                              "it to)")
 
 
 @dataclasses.dataclass
@@ -65,7 +74,7 @@ class Run:
     """One cell of the grid: where it lives and the overrides that make it."""
 
     kind: str  # "mtl" or "stl"
-    arch: str  # architecture label ("" for single-task runs)
+    arch: str  # architecture label (single-task runs: their own overrides, "" for none)
     method: str  # method label, or the task name for single-task runs
     seed: int
     out: Path
@@ -119,11 +128,14 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
     methods = [_label(m, "method") for m in suite.methods]
     runs: list[Run] = []
     if suite.single_task:
+        own = ",".join(suite.single_task_set)
+        stl_dir = out / ("stl-" + _dirname(own) if own else "stl")
+        stl_common = [*suite.set, *suite.single_task_set, *(extra or []), "baselines={}"]
         for task in tasks:
             for seed in suite.seeds:
-                sets = [*common, f"seed={seed}", f"name={cfg.name}-stl-{task}", "balancing={method: equal}"]
+                sets = [*stl_common, f"seed={seed}", f"name={cfg.name}-stl-{task}", "balancing={method: equal}"]
                 sets += [f"tasks.{t}.enabled={str(t == task).lower()}" for t in tasks]
-                runs.append(Run("stl", "", task, seed, out / "stl" / _dirname(task) / f"seed{seed}", sets))
+                runs.append(Run("stl", own, task, seed, stl_dir / _dirname(task) / f"seed{seed}", sets))
     for arch_label, arch in archs:
         for method_label, method in methods:
             for seed in suite.seeds:
@@ -133,7 +145,7 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
                 runs.append(Run("mtl", arch_label, method_label, seed, where, sets))
     seen: set[Path] = set()
     for run in runs:  # fail on a bad cell, or a folder holding another config, before hours of training
-        cell = f"suite run {run.arch or 'stl'}/{run.method}/seed{run.seed}"
+        cell = f"suite run {run.arch if run.kind == 'mtl' else 'stl'}/{run.method}/seed{run.seed}"
         if run.out in seen:
             raise ConfigError(f"{cell}: listed twice (the suite names the same architecture, method or seed "
                               "more than once)")
@@ -186,7 +198,8 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
         stl.setdefault(r.method, []).append(summaries[id(r)]["tasks"][r.method]["test"]["accuracy"])
     rows = []
     if stl_runs:
-        row = _row("single-task", "equal", [summaries[id(r)] for r in stl_runs])
+        own = stl_runs[0].arch
+        row = _row(f"single-task ({own})" if own else "single-task", "equal", [summaries[id(r)] for r in stl_runs])
         row["tasks"] = {t: _mean_std([100 * a for a in v]) for t, v in stl.items()}
         # the T single-task networks together (one finished run per task)
         row["parameters"] = sum({r.method: summaries[id(r)].get("parameters") or 0 for r in stl_runs}.values())
