@@ -175,6 +175,24 @@ def test_torchrun_restart_resumes_when_a_checkpoint_exists(tmp_path, monkeypatch
         build_trainer(cfg, tmp_path / "run", quiet=True)
 
 
+def test_a_restarted_worker_replaces_the_folder_its_job_started_before_any_checkpoint(tmp_path, monkeypatch):
+    """A torchrun job whose first attempt died before its first checkpoint left its own files: the restart
+    starts afresh there. Files of another job are refused."""
+    from mtlvision.training import distributed
+
+    cfg = load_config(data=_cfg(B, {"method": "equal"}, train__epochs=1))
+    monkeypatch.setattr(distributed, "job_id", lambda: "host:123:job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    build_trainer(cfg, tmp_path / "run", quiet=True).fit()
+    for name in ("checkpoint.pt", "summary.json"):  # as if it had died before its first checkpoint
+        (tmp_path / "run" / name).unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not build_trainer(cfg, tmp_path / "run", quiet=True).resume
+    monkeypatch.setattr(distributed, "job_id", lambda: "host:456:job-b")
+    with pytest.raises(CheckpointError, match="already holds a run's files"):
+        build_trainer(cfg, tmp_path / "run", quiet=True)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from ..device import peak_memory_mb
 from ..errors import TrainingDiverged
 from ..evaluation.evaluate import evaluate
 from ..rundir import RunDir
-from . import checkpoint
+from . import checkpoint, distributed
 from .assembly import Parts, Split
 from .callbacks import Callback, Metrics
 from .probes import Prober
@@ -182,8 +182,8 @@ class Trainer:
             self.run.remove_stale_temporaries()
         if self.resume:
             checkpoint.restore(self)
-        elif self.dist.is_main:
-            self.run.start_fresh()
+        elif self.dist.is_main:  # records the torchrun job: a worker it restarts may replace this folder
+            self.run.start_fresh(distributed.job_id())
         if self.dist.is_main:
             self.run.write_config(self.cfg)
         if self.start_epoch >= self.cfg.train.epochs and self.run.is_finished():
