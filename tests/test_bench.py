@@ -174,6 +174,7 @@ def test_shipped_suites_are_valid():
         suite, base = bench.load_suite(path)
         for method in suite.methods:
             load_config(base, [*suite.set, f"balancing={bench._yaml_flow(bench._label(method, 'method')[1])}"])
+        load_config(base, [*suite.set, *suite.single_task_set])
 
 
 # -- Δm statistics on known inputs ---------------------------------------------------------------
