@@ -68,13 +68,18 @@ class Suite:
             raise ConfigError("single_task_set: given, but single_task is false (no single-task runs to apply "
                               "it to)")
 
+    @property
+    def single_task_label(self) -> str:
+        """The single-task runs' own overrides, comma-joined ("" when they share the suite's budget)."""
+        return ",".join(self.single_task_set)
+
 
 @dataclasses.dataclass
 class Run:
     """One cell of the grid: where it lives and the overrides that make it."""
 
     kind: str  # "mtl" or "stl"
-    arch: str  # architecture label (single-task runs: their own overrides, "" for none)
+    arch: str  # architecture label ("" for single-task runs)
     method: str  # method label, or the task name for single-task runs
     seed: int
     out: Path
@@ -128,14 +133,14 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
     methods = [_label(m, "method") for m in suite.methods]
     runs: list[Run] = []
     if suite.single_task:
-        own = ",".join(suite.single_task_set)
+        own = suite.single_task_label
         stl_dir = out / ("stl-" + _dirname(own) if own else "stl")
         stl_common = [*suite.set, *suite.single_task_set, *(extra or []), "baselines={}"]
         for task in tasks:
             for seed in suite.seeds:
                 sets = [*stl_common, f"seed={seed}", f"name={cfg.name}-stl-{task}", "balancing={method: equal}"]
                 sets += [f"tasks.{t}.enabled={str(t == task).lower()}" for t in tasks]
-                runs.append(Run("stl", own, task, seed, stl_dir / _dirname(task) / f"seed{seed}", sets))
+                runs.append(Run("stl", "", task, seed, stl_dir / _dirname(task) / f"seed{seed}", sets))
     for arch_label, arch in archs:
         for method_label, method in methods:
             for seed in suite.seeds:
@@ -145,7 +150,7 @@ def plan(suite: Suite, base: Path, out: Path, extra: Optional[list[str]] = None)
                 runs.append(Run("mtl", arch_label, method_label, seed, where, sets))
     seen: set[Path] = set()
     for run in runs:  # fail on a bad cell, or a folder holding another config, before hours of training
-        cell = f"suite run {run.arch if run.kind == 'mtl' else 'stl'}/{run.method}/seed{run.seed}"
+        cell = f"suite run {run.arch or 'stl'}/{run.method}/seed{run.seed}"
         if run.out in seen:
             raise ConfigError(f"{cell}: listed twice (the suite names the same architecture, method or seed "
                               "more than once)")
@@ -189,8 +194,9 @@ def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None
 
 
-def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per (architecture, method) and one for the single-task baselines, over finished seeds."""
+def aggregate(runs: list[Run], single_task_label: str = "") -> list[dict[str, Any]]:
+    """One row per (architecture, method) and one for the single-task baselines (labelled with their own
+    overrides, if any), over finished seeds."""
     summaries = {id(r): json.loads((r.out / "summary.json").read_text()) for r in runs if r.done}
     stl: dict[str, list[float]] = {}
     stl_runs = [r for r in runs if r.kind == "stl" and id(r) in summaries]
@@ -198,8 +204,8 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
         stl.setdefault(r.method, []).append(summaries[id(r)]["tasks"][r.method]["test"]["accuracy"])
     rows = []
     if stl_runs:
-        own = stl_runs[0].arch
-        row = _row(f"single-task ({own})" if own else "single-task", "equal", [summaries[id(r)] for r in stl_runs])
+        label = f"single-task ({single_task_label})" if single_task_label else "single-task"
+        row = _row(label, "equal", [summaries[id(r)] for r in stl_runs])
         row["tasks"] = {t: _mean_std([100 * a for a in v]) for t, v in stl.items()}
         # the T single-task networks together (one finished run per task)
         row["parameters"] = sum({r.method: summaries[id(r)].get("parameters") or 0 for r in stl_runs}.values())
@@ -289,7 +295,7 @@ def run_suite(path: str | os.PathLike, out: Optional[str | os.PathLike] = None, 
             on_run(i, len(runs), run, "skip" if run.done else "run")
         if not run.done:
             run_one(run, base)
-    rows = aggregate(runs)
+    rows = aggregate(runs, suite.single_task_label)
     cmd = " ".join(["mtlvision bench", str(path), *[f"--set {s}" for s in extra or []]])
     header = (f"# {suite.name}: test accuracy, mean ± sample std (n − 1) over seeds {suite.seeds}\n\n"
               f"Reproduce: `{cmd}`. Δm between the seed means of a row and of the single-task runs, ± its "
