@@ -116,9 +116,11 @@ class RunDir:
             raise CheckpointError(f"{self.path} already holds a run's files ({found}); use another --out, or "
                                   "--overwrite to replace them")
 
-    def start_fresh(self, job: Optional[str] = None) -> None:
+    def start_fresh(self, job: Optional[str]) -> None:
         """Delete a previous run's files (those listed in the module docstring and TensorBoard event files,
-        nothing else) and record which torchrun job (`distributed.job_id`) now writes here."""
+        nothing else) and record which torchrun job (`distributed.job_id`, None outside torchrun) now writes
+        here. `job` has no default: a caller that forgot it would leave a restarted worker refused its own
+        folder."""
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         if self.tb_path.is_dir():
